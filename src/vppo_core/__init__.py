@@ -1,0 +1,32 @@
+"""vppo_core: composable, pure-tensor losses for perception-aware RL of vision-language models.
+
+The public API: token visual dependency (exact and sampled), GRPO advantages, VPPO's
+Trajectory-level Advantage Shaping (TAS) and Token-level Gradient Filtering (TGF), and the clipped
+surrogate loss they feed. See the documentation for the maths and the papers.
+"""
+
+from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
+from .dependency import sampled_visual_dependency, visual_dependency
+from .loss import AGGREGATIONS, LossOutput, aggregate, clipped_surrogate, kl_penalty, vppo_loss
+from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGGREGATIONS",
+    "LossOutput",
+    "__version__",
+    "advantage_factors",
+    "aggregate",
+    "clipped_surrogate",
+    "grpo_advantages",
+    "kl_penalty",
+    "num_kept_tokens",
+    "sampled_visual_dependency",
+    "shape_advantages",
+    "token_filter_mask",
+    "topk_token_mask",
+    "trajectory_dependency",
+    "visual_dependency",
+    "vppo_loss",
+]

@@ -1,0 +1,73 @@
+"""Argument checks shared by the public layer.
+
+Shapes and dtypes are checked by jaxtyping + beartype through :func:`typechecked`; this module holds
+the checks that annotations cannot express (value ranges, option names) and the conventions every
+public function follows (mask conversion, result dtype). Nothing here syncs the host with a device.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from beartype import BeartypeConf, beartype
+from jaxtyping import jaxtyped
+from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# PEP 484's numeric tower lets an ``int`` stand where a ``float`` is annotated (``temperature=1``).
+_beartype = beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+
+def typechecked(fn: F) -> F:
+    """Check a public function's shapes and dtypes at call time (jaxtyping + beartype).
+
+    Only for the eager public layer: jaxtyping's checks break ``torch.compile`` tracing, so compiled
+    and Triton cores stay undecorated.
+    """
+    return jaxtyped(typechecker=_beartype)(fn)
+
+
+def as_bool_mask(mask: Tensor, name: str = "response_mask") -> Tensor:
+    """Convert a bool or 0/1 mask to ``torch.bool`` (non-zero counts as true), without copying bools."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be a bool or 0/1 integer/float tensor, got dtype {mask.dtype}")
+    return mask != 0
+
+
+def result_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32: results never come back in bf16/fp16."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def host_checks_allowed(t: Tensor) -> bool:
+    """Whether a data-dependent check is free: the data is on the host and we are not being traced."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -1,0 +1,37 @@
+"""Segment (group) reductions over a batch, vectorised and without host syncs.
+
+``group_ids`` may hold any integers. :func:`dense_ids` maps them to ``0 .. n_groups - 1`` by a
+stable sort (no ``torch.unique``, whose output size would need a device sync); buffers are sized by
+the batch, an upper bound on the number of groups, so every shape is known without reading data.
+"""
+
+import torch
+from torch import Tensor
+
+
+def dense_ids(group_ids: Tensor) -> Tensor:
+    """Map arbitrary integer ids ``[n]`` to dense ids in ``[0, n)``, equal ids to equal dense ids."""
+    n = group_ids.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=group_ids.device)
+    order = torch.argsort(group_ids, stable=True)
+    sorted_ids = group_ids[order]
+    is_new = torch.cat([sorted_ids.new_zeros(1, dtype=torch.bool), sorted_ids[1:] != sorted_ids[:-1]])
+    dense_sorted = torch.cumsum(is_new, dim=0)
+    return torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
+
+
+def segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
+    return values.new_zeros((n, *values.shape[1:])).index_add(0, seg, values)
+
+
+def segment_amin(values: Tensor, seg: Tensor, n: int) -> Tensor:
+    """Per-segment minimum (``+inf`` for empty segments); NaN propagates."""
+    out = values.new_full((n,), float("inf"))
+    return out.scatter_reduce(0, seg, values, reduce="amin", include_self=True)
+
+
+def segment_amax(values: Tensor, seg: Tensor, n: int) -> Tensor:
+    """Per-segment maximum (``-inf`` for empty segments); NaN propagates."""
+    out = values.new_full((n,), float("-inf"))
+    return out.scatter_reduce(0, seg, values, reduce="amax", include_self=True)

@@ -1,0 +1,285 @@
+"""Group-relative advantages and VPPO's Trajectory-level Advantage Shaping (TAS)."""
+
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Integer, Real, Shaped
+from torch import Tensor
+
+from ._checks import (
+    as_bool_mask,
+    check_choice,
+    check_same_device,
+    host_checks_allowed,
+    result_dtype,
+    typechecked,
+)
+from ._segments import dense_ids, segment_amax, segment_amin, segment_sum
+
+__all__ = ["advantage_factors", "grpo_advantages", "shape_advantages", "trajectory_dependency"]
+
+# Below this score range the batch (or group) counts as "all equal" and every factor is 1,
+# as in the VPPO-RL code.
+TAS_MIN_RANGE = 1e-6
+
+
+@typechecked
+def grpo_advantages(
+    rewards: Real[Tensor, " batch"] | Bool[Tensor, " batch"],
+    group_ids: Integer[Tensor, " batch"],
+    *,
+    eps: float = 1e-6,
+    scale: Literal["std", "none"] = "std",
+) -> Float[Tensor, " batch"]:
+    r"""Group-relative outcome advantage of GRPO (or Dr.GRPO with ``scale="none"``).
+
+    For response $i$ in group $g(i)$ (the responses sampled for one prompt),
+
+    $$
+    \hat A_i = \frac{R_i - \operatorname{mean}_{g(i)} R}{\operatorname{std}_{g(i)} R + \epsilon}
+    \quad(\texttt{scale="std"}), \qquad
+    \hat A_i = R_i - \operatorname{mean}_{g(i)} R \quad(\texttt{scale="none"}),
+    $$
+
+    with the unbiased standard deviation, as in the GRPO reference code (Shao et al., 2024,
+    arXiv:2402.03300) and VPPO-RL; ``scale="none"`` is Dr.GRPO (Liu et al., 2025, arXiv:2503.20783).
+    Vectorised over the batch (no Python loop, no ``torch.unique``), no host sync on accelerators.
+
+    A group whose rewards are all equal gets advantage 0. A NaN reward makes its whole group NaN.
+    A group of one member has no spread to compare with: on CPU tensors it raises ``ValueError``;
+    on an accelerator that check would need a host sync, so it is skipped and the group's advantage
+    is NaN with ``scale="std"`` (0/0) and 0 with ``scale="none"``.
+
+    Shapes:
+        - ``rewards``, ``group_ids``: ``[batch]``
+        - returns: ``[batch]``
+
+    Args:
+        rewards: One scalar reward per response (float, int or bool).
+        group_ids: Any integers; responses with equal ids form a group (need not be contiguous).
+        eps: Added to the standard deviation.
+        scale: ``"std"`` (GRPO) or ``"none"`` (Dr.GRPO).
+
+    Returns:
+        Advantages, float32 (float64 for float64 rewards).
+
+    Raises:
+        ValueError: On a group of one member (CPU inputs), ``eps < 0`` or an unknown ``scale``.
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import grpo_advantages
+        >>> grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([7, 7, 3, 3]))
+        tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    """
+    check_choice("scale", scale, ("std", "none"))
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    check_same_device(rewards=rewards, group_ids=group_ids)
+    r = rewards.to(result_dtype(rewards))
+    n = r.shape[0]
+    seg = dense_ids(group_ids)
+    count = segment_sum(torch.ones_like(r), seg, n)
+    if host_checks_allowed(count) and n > 0 and bool((count == 1).any()):
+        singles = group_ids[(count[seg] == 1)].tolist()
+        raise ValueError(
+            "every group in group_ids needs at least 2 responses to compare, got groups of one member: "
+            f"{singles[:8]}{' ...' if len(singles) > 8 else ''}; sample G >= 2 responses per prompt"
+        )
+    mean = segment_sum(r, seg, n) / count.clamp_min(1)
+    centred = r - mean[seg]
+    if scale == "none":
+        return centred
+    var = segment_sum(centred.square(), seg, n) / (count - 1)
+    return centred / (var.sqrt()[seg] + eps)
+
+
+@typechecked
+def trajectory_dependency(
+    dependency: Float[Tensor, "batch seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+) -> Float[Tensor, " batch"]:
+    r"""Mean token dependency of each trajectory over its valid tokens (0 for a trajectory with none).
+
+    $$\bar S(\tau_i) = \frac{1}{|o_i|}\sum_{t \in o_i} S_t.$$
+
+    Padded positions are never read into the mean (NaN there does not leak); NaN at a valid
+    position gives NaN.
+
+    Shapes:
+        - ``dependency``, ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch]``
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import trajectory_dependency
+        >>> dep = torch.tensor([[1.0, 3.0, 9.0], [0.5, 0.0, 0.0]])
+        >>> mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+        >>> trajectory_dependency(dep, mask)
+        tensor([2., 0.])
+    """
+    check_same_device(dependency=dependency, response_mask=response_mask)
+    mask = as_bool_mask(response_mask)
+    dep = dependency.to(result_dtype(dependency))
+    total = torch.where(mask, dep, 0.0).sum(-1)
+    return total / mask.sum(-1).clamp_min(1).to(dep.dtype)
+
+
+def _check_betas(beta_min: float, beta_max: float | None) -> None:
+    if not beta_min > 0:
+        raise ValueError(f"beta_min must be > 0 (factors must keep the advantage's sign), got {beta_min!r}")
+    if beta_max is None and not beta_min <= 1:
+        raise ValueError(
+            f"beta_min must be <= 1 with beta_max=None (the factors average to 1), got {beta_min!r}"
+        )
+    if beta_max is not None and not beta_max >= beta_min:
+        raise ValueError(
+            f"beta_max must be >= beta_min (= {beta_min!r}), or None for the mean-preserving rule; "
+            f"got {beta_max!r}"
+        )
+
+
+@typechecked
+def advantage_factors(
+    dependency: Float[Tensor, "batch seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    beta_min: float = 0.9,
+    beta_max: float | None = None,
+    group_ids: Integer[Tensor, " batch"] | None = None,
+) -> Float[Tensor, " batch"]:
+    r"""TAS factors: each trajectory's mean dependency min-max normalised and mapped to $[\beta_{min}, \beta_{max}]$.
+
+    With $\bar S_i$ from :func:`trajectory_dependency` and the minimum and maximum taken over the
+    valid trajectories of the batch (or of each group when ``group_ids`` is given),
+
+    $$
+    n_i = \frac{\bar S_i - \min \bar S}{\max \bar S - \min \bar S}, \qquad
+    \alpha_i = \beta_{min} + (\beta_{max} - \beta_{min})\, n_i .
+    $$
+
+    This is VPPO's Eq. 5 (arXiv:2510.09285). ``beta_max=None`` is the VPPO-RL code's dynamic,
+    mean-preserving rule $\beta_{max} = \beta_{min} + (1 - \beta_{min}) / \operatorname{mean}(n)$,
+    under which the factors of the valid trajectories average to exactly 1 (TAS only redistributes
+    advantage). The code adds $10^{-8}$ to the mean; it is not needed here because
+    $\operatorname{mean}(n) \ge 1/n_{valid} > 0$ whenever the range is positive.
+
+    Factor 1 is given to trajectories with no valid token, and to every trajectory of a batch (or
+    group) with fewer than two valid trajectories or a score range $\le 10^{-6}$. Factors are always
+    $\ge \beta_{min} > 0$, so shaping never flips an advantage's sign. The dependency is detached
+    (factors carry no gradient). NaN in a valid token's dependency makes its batch's (or group's)
+    factors NaN.
+
+    Shapes:
+        - ``dependency``, ``response_mask``: ``[batch, seq]``
+        - ``group_ids``: ``[batch]``
+        - returns: ``[batch]``
+
+    Args:
+        dependency: Token visual dependency, e.g. from :func:`visual_dependency`.
+        response_mask: Valid response tokens.
+        beta_min: Smallest factor, $> 0$ (paper: 0.9).
+        beta_max: Largest factor ($\ge$ ``beta_min``), or ``None`` for the mean-preserving rule.
+        group_ids: Normalise within each group instead of over the whole batch.
+
+    Returns:
+        One factor per trajectory, float32 (float64 for float64 dependency).
+
+    Raises:
+        ValueError: If ``beta_min <= 0``, ``beta_max < beta_min``, or ``beta_min > 1`` with
+            ``beta_max=None``.
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import advantage_factors
+        >>> dep = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 3.0]])
+        >>> mask = torch.ones(3, 2, dtype=torch.bool)
+        >>> advantage_factors(dep, mask, beta_min=0.8, beta_max=1.2)
+        tensor([0.8000, 0.9333, 1.2000])
+        >>> advantage_factors(dep, mask).mean()
+        tensor(1.)
+    """
+    _check_betas(beta_min, beta_max)
+    check_same_device(dependency=dependency, response_mask=response_mask, group_ids=group_ids)
+    mask = as_bool_mask(response_mask)
+    score = trajectory_dependency(dependency.detach(), mask)
+    valid = mask.any(-1)
+    b = score.shape[0]
+    seg = dense_ids(group_ids) if group_ids is not None else torch.zeros_like(score, dtype=torch.long)
+
+    n_valid = segment_sum(valid.to(score.dtype), seg, b)
+    lo = segment_amin(torch.where(valid, score, float("inf")), seg, b)
+    hi = segment_amax(torch.where(valid, score, float("-inf")), seg, b)
+    span = hi - lo
+    # `not (span <= eps)` rather than `span > eps`: a NaN range must stay active and give NaN factors.
+    active = (n_valid >= 2) & ~(span <= TAS_MIN_RANGE)
+    safe_span = torch.where(active, span, 1.0)
+    normalised = ((score - lo[seg]) / safe_span[seg]).clamp(0.0, 1.0)
+    if beta_max is None:
+        mean_n = segment_sum(torch.where(valid, normalised, 0.0), seg, b) / n_valid.clamp_min(1)
+        safe_mean = torch.where(active, mean_n, 1.0)
+        spread = ((1.0 - beta_min) / safe_mean)[seg]
+    else:
+        spread = torch.full_like(score, beta_max - beta_min)
+    factors = beta_min + spread * normalised
+    return torch.where(valid & active[seg], factors, 1.0)
+
+
+@typechecked
+def shape_advantages(
+    advantages: Float[Tensor, "batch *seq"],
+    dependency: Float[Tensor, "batch seq2"],
+    response_mask: Shaped[Tensor, "batch seq2"],
+    *,
+    beta_min: float = 0.9,
+    beta_max: float | None = None,
+    group_ids: Integer[Tensor, " batch"] | None = None,
+) -> Float[Tensor, "batch *seq"]:
+    r"""Trajectory-level Advantage Shaping (TAS): $\hat A'_i = \alpha_i \hat A_i$.
+
+    Multiplies each trajectory's advantage (per-trajectory ``[batch]`` or per-token
+    ``[batch, seq]``) by its factor from :func:`advantage_factors` (VPPO, arXiv:2510.09285, Eq. 5),
+    whatever the advantage's sign. See :func:`advantage_factors` for the normalisation, the
+    mean-preserving ``beta_max=None`` rule, the edge cases and NaN handling; call it directly to log
+    the factors.
+
+    Shapes:
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+        - ``dependency``, ``response_mask``: ``[batch, seq]``
+        - ``group_ids``: ``[batch]``
+        - returns: the shape of ``advantages``
+
+    Args:
+        advantages: GRPO/PPO advantages, e.g. from :func:`grpo_advantages`. Gradients flow through
+            them unchanged (the factors are constants).
+        dependency: Token visual dependency.
+        response_mask: Valid response tokens.
+        beta_min: Smallest factor, $> 0$.
+        beta_max: Largest factor, or ``None`` for the mean-preserving rule.
+        group_ids: Normalise within each group instead of over the batch.
+
+    Returns:
+        The shaped advantages, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: If ``advantages`` is ``[batch, seq]`` with a different ``seq`` than
+            ``dependency``, or on bad ``beta_min``/``beta_max``.
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import shape_advantages
+        >>> adv = torch.tensor([1.0, -1.0, 0.5])
+        >>> dep = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 3.0]])
+        >>> shape_advantages(adv, dep, torch.ones(3, 2), beta_min=0.8, beta_max=1.2)
+        tensor([ 0.8000, -0.9333,  0.6000])
+    """
+    if advantages.ndim > 2 or (advantages.ndim == 2 and advantages.shape != dependency.shape):
+        raise ValueError(
+            "advantages must be [batch] or [batch, seq] matching dependency "
+            f"{tuple(dependency.shape)}, got {tuple(advantages.shape)}"
+        )
+    factors = advantage_factors(
+        dependency, response_mask, beta_min=beta_min, beta_max=beta_max, group_ids=group_ids
+    )
+    adv = advantages.to(result_dtype(advantages, factors))
+    return adv * (factors.unsqueeze(-1) if adv.ndim == 2 else factors)

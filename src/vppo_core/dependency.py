@@ -1,0 +1,163 @@
+"""Token visual dependency: how much each token's next-token distribution depends on the image."""
+
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Shaped
+from torch import Tensor
+
+from . import kernels
+from ._checks import (
+    as_bool_mask,
+    check_choice,
+    check_positive,
+    check_same_device,
+    result_dtype,
+    typechecked,
+)
+from ._estimators import ESTIMATORS, sampled_kl
+
+__all__ = ["sampled_visual_dependency", "visual_dependency"]
+
+
+@typechecked
+def visual_dependency(
+    logits_img: Float[Tensor, "*batch vocab"],
+    logits_noimg: Float[Tensor, "*batch vocab"],
+    response_mask: Shaped[Tensor, "*batch"] | None = None,
+    *,
+    temperature: float = 1.0,
+) -> Float[Tensor, "*batch"]:
+    r"""Exact token visual dependency: the KL between the policy with the real and the perturbed image.
+
+    For each position, with $x = \text{logits\_img}/T$ and $y = \text{logits\_noimg}/T$ over the
+    full vocabulary,
+
+    $$
+    S_t = \mathrm{KL}\big(\mathrm{softmax}(x)\,\|\,\mathrm{softmax}(y)\big)
+        = \sum_j p_j (x_j - y_j) - \big(\operatorname{lse}(x) - \operatorname{lse}(y)\big),
+    $$
+
+    computed in float32 (float64 for float64 inputs) in the log-sum-exp form above, row chunk by row
+    chunk, so no float32 copy of the whole ``[batch, seq, vocab]`` input is ever made. This is
+    Eq. 3 of VPPO (Huang et al., 2025, "Spotlight on Token Perception for Multimodal Reinforcement
+    Learning", arXiv:2510.09285). The function is differentiable in both inputs
+    ($\partial S/\partial x_j = p_j((x_j - y_j) - \sum_i p_i(x_i - y_i))/T$,
+    $\partial S/\partial y_j = (q_j - p_j)/T$), so it also serves as a PAPO-style perception loss.
+
+    Special values: a vocabulary entry that is ``-inf`` in ``logits_img`` contributes nothing (it has
+    zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
+    ``logits_img`` but ``-inf`` in ``logits_noimg`` makes the KL ``+inf``, as it mathematically is.
+    A NaN anywhere in a counted row gives NaN for that row. Rows outside ``response_mask`` are
+    exactly 0 and receive exactly zero gradient, whatever they hold (padding is never read into the
+    result). Results are clamped at 0 against rounding.
+
+    Shapes:
+        - ``logits_img``, ``logits_noimg``: ``[batch, seq, vocab]`` or ``[tokens, vocab]``
+        - ``response_mask``: ``[batch, seq]`` or ``[tokens]`` (bool or 0/1)
+        - returns: ``[batch, seq]`` or ``[tokens]``
+
+    Args:
+        logits_img: Next-token logits of the policy given the real image.
+        logits_noimg: Next-token logits given the perturbed (or removed) image, same shape and dtype.
+        response_mask: Positions that count; ``None`` counts every position.
+        temperature: Sampling temperature $T > 0$ the logits are divided by (never in place).
+
+    Returns:
+        The per-token KL, float32 (float64 for float64 inputs), ``>= 0``.
+
+    Raises:
+        ValueError: If the inputs have different dtypes or devices, fewer than 2 or more than 3
+            dimensions, or ``temperature <= 0``.
+        TypeError: If a shape or dtype does not match the annotation (jaxtyping).
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import visual_dependency
+        >>> x = torch.randn(2, 5, 11)
+        >>> visual_dependency(x, x).abs().max().item()
+        0.0
+        >>> dep = visual_dependency(x, x + torch.randn(2, 5, 11))
+        >>> dep.shape, bool((dep >= 0).all())
+        (torch.Size([2, 5]), True)
+    """
+    check_positive("temperature", temperature)
+    if not 2 <= logits_img.ndim <= 3:
+        raise ValueError(
+            "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
+            f"got {logits_img.ndim} dimensions (shape {tuple(logits_img.shape)})"
+        )
+    if logits_img.dtype != logits_noimg.dtype:
+        raise ValueError(
+            "logits_img and logits_noimg must have the same dtype, "
+            f"got {logits_img.dtype} and {logits_noimg.dtype}"
+        )
+    check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
+    x, y = logits_img, logits_noimg
+    if x.ndim == 2:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    kl = kernels.kl_rows(x, y, float(temperature)).reshape(logits_img.shape[:-1])
+    if response_mask is None:
+        return kl
+    return torch.where(as_bool_mask(response_mask), kl, 0.0)
+
+
+@typechecked
+def sampled_visual_dependency(
+    logprobs_img: Float[Tensor, "*batch"],
+    logprobs_noimg: Float[Tensor, "*batch"],
+    response_mask: Shaped[Tensor, "*batch"] | None = None,
+    *,
+    estimator: Literal["k1", "k2", "k3"] = "k3",
+) -> Float[Tensor, "*batch"]:
+    r"""Visual dependency estimated from the sampled tokens' log-probabilities (the VPPO-RL code's choice).
+
+    With $d_t = \operatorname{clamp}(\log\pi(o_t\mid I') - \log\pi(o_t\mid I), -20, 20)$, the
+    log-probability of the sampled token under the perturbed image minus that under the real image:
+
+    $$
+    k_1 = -d_t, \qquad k_2 = \tfrac12 d_t^2, \qquad
+    k_3 = \operatorname{clamp}(e^{d_t} - d_t - 1,\ 0,\ 10).
+    $$
+
+    Each is a one-sample estimate of $\mathrm{KL}(\pi(\cdot\mid I)\,\|\,\pi(\cdot\mid I'))$ when
+    $o_t \sim \pi(\cdot\mid I)$ ($k_1$ and $k_3$ unbiased before clamping). ``k3`` is what the
+    official VPPO-RL training code computes (``low_var_kl`` of ``aug_log_probs - old_log_probs``);
+    it needs only the two log-probability tensors, not the ``[batch, seq, vocab]`` logits.
+
+    NaN inputs give NaN at counted positions; positions outside ``response_mask`` are exactly 0.
+    Not differentiable by design of use (the signal is computed with the old policy under
+    ``no_grad``), though autograd does flow through it.
+
+    Shapes:
+        - ``logprobs_img``, ``logprobs_noimg``, ``response_mask``: ``[batch, seq]`` (any shape, all equal)
+        - returns: the same shape
+
+    Args:
+        logprobs_img: $\log\pi(o_t\mid I)$ of the sampled tokens with the real image.
+        logprobs_noimg: $\log\pi(o_t\mid I')$ of the same tokens with the perturbed image.
+        response_mask: Positions that count; ``None`` counts every position.
+        estimator: ``"k3"`` (default, as in VPPO-RL), ``"k1"`` or ``"k2"``.
+
+    Returns:
+        The per-token estimate, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: If ``estimator`` is unknown or the tensors are on different devices.
+        TypeError: If the shapes differ (jaxtyping).
+
+    Example:
+        >>> import torch
+        >>> from vppo_core import sampled_visual_dependency
+        >>> lp_img = torch.tensor([[-0.1, -2.0]])
+        >>> lp_noimg = torch.tensor([[-0.1, -4.0]])
+        >>> sampled_visual_dependency(lp_img, lp_noimg)  # e^-2 + 2 - 1 at the second token
+        tensor([[0.0000, 1.1353]])
+    """
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_same_device(logprobs_img=logprobs_img, logprobs_noimg=logprobs_noimg, response_mask=response_mask)
+    dtype = result_dtype(logprobs_img, logprobs_noimg)
+    est = sampled_kl(logprobs_img.to(dtype), logprobs_noimg.to(dtype), estimator, k3_range=(0.0, 10.0))
+    if response_mask is None:
+        return est
+    return torch.where(as_bool_mask(response_mask), est, 0.0)
