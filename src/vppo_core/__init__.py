@@ -6,7 +6,7 @@ surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
-from .dependency import sampled_visual_dependency, visual_dependency
+from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .loss import AGGREGATIONS, LossOutput, aggregate, clipped_surrogate, kl_penalty, vppo_loss
 from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
 
@@ -28,5 +28,6 @@ __all__ = [
     "topk_token_mask",
     "trajectory_dependency",
     "visual_dependency",
+    "visual_dependency_from_hidden",
     "vppo_loss",
 ]

@@ -129,13 +129,10 @@ def _check_betas(beta_min: float, beta_max: float | None) -> None:
     if not beta_min > 0:
         raise ValueError(f"beta_min must be > 0 (factors must keep the advantage's sign), got {beta_min!r}")
     if beta_max is None and not beta_min <= 1:
-        raise ValueError(
-            f"beta_min must be <= 1 with beta_max=None (the factors average to 1), got {beta_min!r}"
-        )
+        raise ValueError(f"beta_min must be <= 1 with beta_max=None (the factors average to 1), got {beta_min!r}")
     if beta_max is not None and not beta_max >= beta_min:
         raise ValueError(
-            f"beta_max must be >= beta_min (= {beta_min!r}), or None for the mean-preserving rule; "
-            f"got {beta_max!r}"
+            f"beta_max must be >= beta_min (= {beta_min!r}), or None for the mean-preserving rule; got {beta_max!r}"
         )
 
 
@@ -278,8 +275,6 @@ def shape_advantages(
             "advantages must be [batch] or [batch, seq] matching dependency "
             f"{tuple(dependency.shape)}, got {tuple(advantages.shape)}"
         )
-    factors = advantage_factors(
-        dependency, response_mask, beta_min=beta_min, beta_max=beta_max, group_ids=group_ids
-    )
+    factors = advantage_factors(dependency, response_mask, beta_min=beta_min, beta_max=beta_max, group_ids=group_ids)
     adv = advantages.to(result_dtype(advantages, factors))
     return adv * (factors.unsqueeze(-1) if adv.ndim == 2 else factors)

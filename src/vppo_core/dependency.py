@@ -17,7 +17,7 @@ from ._checks import (
 )
 from ._estimators import ESTIMATORS, sampled_kl
 
-__all__ = ["sampled_visual_dependency", "visual_dependency"]
+__all__ = ["sampled_visual_dependency", "visual_dependency", "visual_dependency_from_hidden"]
 
 
 @typechecked
@@ -89,8 +89,7 @@ def visual_dependency(
         )
     if logits_img.dtype != logits_noimg.dtype:
         raise ValueError(
-            "logits_img and logits_noimg must have the same dtype, "
-            f"got {logits_img.dtype} and {logits_noimg.dtype}"
+            f"logits_img and logits_noimg must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}"
         )
     check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
     x, y = logits_img, logits_noimg
@@ -161,3 +160,67 @@ def sampled_visual_dependency(
     if response_mask is None:
         return est
     return torch.where(as_bool_mask(response_mask), est, 0.0)
+
+
+@typechecked
+def visual_dependency_from_hidden(
+    hidden_img: Float[Tensor, "*batch hidden"],
+    hidden_noimg: Float[Tensor, "*batch hidden"],
+    lm_head_weight: Float[Tensor, "vocab hidden"],
+    response_mask: Shaped[Tensor, "*batch"] | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+) -> Float[Tensor, "*batch"]:
+    r"""Token visual dependency from final hidden states, without materialising ``[tokens, vocab]`` logits.
+
+    Computes ``visual_dependency(hidden_img @ W.T, hidden_noimg @ W.T, response_mask)`` with the
+    logits of at most ``chunk_size`` tokens alive at a time, so a user can run the two VLM forward
+    passes to hidden states only. Values and NaN/mask semantics are those of
+    :func:`visual_dependency`.
+
+    Shapes:
+        - ``hidden_img``, ``hidden_noimg``: ``[batch, seq, hidden]`` or ``[tokens, hidden]``
+        - ``lm_head_weight``: ``[vocab, hidden]``
+        - ``response_mask``: ``[batch, seq]`` or ``[tokens]``
+        - returns: ``[batch, seq]`` or ``[tokens]``
+
+    Args:
+        hidden_img: Final-layer hidden states (after the final norm) with the real image.
+        hidden_noimg: The same with the perturbed image.
+        lm_head_weight: The output projection's weight (``model.lm_head.weight``).
+        response_mask: Positions that count.
+        temperature: Sampling temperature $T > 0$.
+        chunk_size: Tokens per chunk.
+
+    Returns:
+        Per-token KL, float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> h, w = torch.randn(2, 3, 8), torch.randn(50, 8)
+        >>> ref = visual_dependency(h @ w.T, (h + 0.1) @ w.T)
+        >>> torch.allclose(visual_dependency_from_hidden(h, h + 0.1, w), ref, atol=1e-6)
+        True
+    """
+    check_positive("temperature", temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    if hidden_img.dtype != hidden_noimg.dtype or hidden_img.dtype != lm_head_weight.dtype:
+        raise ValueError(
+            "hidden_img, hidden_noimg and lm_head_weight must share a dtype, got "
+            f"{hidden_img.dtype}, {hidden_noimg.dtype} and {lm_head_weight.dtype}"
+        )
+    check_same_device(hidden_img=hidden_img, hidden_noimg=hidden_noimg, lm_head_weight=lm_head_weight)
+    hx = hidden_img.reshape(-1, hidden_img.shape[-1])
+    hy = hidden_noimg.reshape(-1, hidden_noimg.shape[-1])
+    parts = []
+    for start in range(0, hx.shape[0], chunk_size):
+        x = hx[start : start + chunk_size] @ lm_head_weight.T
+        y = hy[start : start + chunk_size] @ lm_head_weight.T
+        parts.append(kernels.kl_rows(x.unsqueeze(0), y.unsqueeze(0), float(temperature)).squeeze(0))
+    kl = torch.cat(parts) if parts else hx.new_zeros(0, dtype=result_dtype(hx))
+    kl = kl.reshape(hidden_img.shape[:-1])
+    if response_mask is None:
+        return kl
+    return torch.where(as_bool_mask(response_mask), kl, 0.0)

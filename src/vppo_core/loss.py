@@ -66,9 +66,7 @@ def _broadcast_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
     if advantages.ndim == 1:
         return advantages.unsqueeze(-1).expand(shape)
     if advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be [batch] or [batch, seq] = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be [batch] or [batch, seq] = {tuple(shape)}, got {tuple(advantages.shape)}")
     return advantages
 
 
@@ -349,9 +347,7 @@ def vppo_loss(
         >>> out.kept_frac
         tensor(0.5000)
     """
-    check_same_device(
-        logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask
-    )
+    check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={kl_coef!r} needs ref_logprobs; pass them or set kl_coef=0")
     aux = kl_coef != 0.0 or entropy_coef != 0.0
