@@ -5,6 +5,7 @@ the checks that annotations cannot express (value ranges, option names) and the 
 public function follows (mask conversion, result dtype). Nothing here syncs the host with a device.
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -23,10 +24,19 @@ _beartype = beartype(conf=BeartypeConf(is_pep484_tower=True))
 def typechecked(fn: F) -> F:
     """Check a public function's shapes and dtypes at call time (jaxtyping + beartype).
 
-    Only for the eager public layer: jaxtyping's checks break ``torch.compile`` tracing, so compiled
-    and Triton cores stay undecorated.
+    The checks run in eager mode only: while ``torch.compile`` traces a user's step that calls a
+    public function, the unchecked function is traced instead (jaxtyping's checks break tracing,
+    jaxtyping#384). Compiled and Triton cores are never decorated.
     """
-    return jaxtyped(typechecker=_beartype)(fn)
+    checked = jaxtyped(typechecker=_beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return checked(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def as_bool_mask(mask: Tensor, name: str = "response_mask") -> Tensor:

@@ -21,17 +21,33 @@ def dense_ids(group_ids: Tensor) -> Tensor:
     return torch.empty_like(dense_sorted).scatter_(0, order, dense_sorted)
 
 
-def segment_sum(values: Tensor, seg: Tensor, n: int) -> Tensor:
-    return values.new_zeros((n, *values.shape[1:])).index_add(0, seg, values)
+# ``seg=None`` means one segment holding the whole batch: plain reductions to shape ``[1]``. (Besides
+# being cheaper, this sidesteps an Inductor CPU codegen failure on scatters with a constant index.)
 
 
-def segment_amin(values: Tensor, seg: Tensor, n: int) -> Tensor:
+def segment_sum(values: Tensor, seg: Tensor | None) -> Tensor:
+    """Per-segment sums, ``[n]`` (``[1]`` for ``seg=None``)."""
+    if seg is None:
+        return values.sum(0, keepdim=True)
+    return values.new_zeros(values.shape).index_add(0, seg, values)
+
+
+def segment_amin(values: Tensor, seg: Tensor | None) -> Tensor:
     """Per-segment minimum (``+inf`` for empty segments); NaN propagates."""
-    out = values.new_full((n,), float("inf"))
+    if seg is None:
+        return values.amin(0, keepdim=True) if values.numel() else values.new_full((1,), float("inf"))
+    out = values.new_full(values.shape, float("inf"))
     return out.scatter_reduce(0, seg, values, reduce="amin", include_self=True)
 
 
-def segment_amax(values: Tensor, seg: Tensor, n: int) -> Tensor:
+def segment_amax(values: Tensor, seg: Tensor | None) -> Tensor:
     """Per-segment maximum (``-inf`` for empty segments); NaN propagates."""
-    out = values.new_full((n,), float("-inf"))
+    if seg is None:
+        return values.amax(0, keepdim=True) if values.numel() else values.new_full((1,), float("-inf"))
+    out = values.new_full(values.shape, float("-inf"))
     return out.scatter_reduce(0, seg, values, reduce="amax", include_self=True)
+
+
+def broadcast(stat: Tensor, seg: Tensor | None, n: int) -> Tensor:
+    """Per-segment statistic back to one value per batch element."""
+    return stat.expand(n) if seg is None else stat[seg]

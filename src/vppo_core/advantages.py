@@ -14,7 +14,7 @@ from ._checks import (
     result_dtype,
     typechecked,
 )
-from ._segments import dense_ids, segment_amax, segment_amin, segment_sum
+from ._segments import broadcast, dense_ids, segment_amax, segment_amin, segment_sum
 
 __all__ = ["advantage_factors", "grpo_advantages", "shape_advantages", "trajectory_dependency"]
 
@@ -79,18 +79,18 @@ def grpo_advantages(
     r = rewards.to(result_dtype(rewards))
     n = r.shape[0]
     seg = dense_ids(group_ids)
-    count = segment_sum(torch.ones_like(r), seg, n)
-    if host_checks_allowed(count) and n > 0 and bool((count == 1).any()):
+    count = segment_sum(torch.ones_like(r), seg)
+    if host_checks_allowed(count) and n > 0 and bool((count[seg] == 1).any()):
         singles = group_ids[(count[seg] == 1)].tolist()
         raise ValueError(
             "every group in group_ids needs at least 2 responses to compare, got groups of one member: "
             f"{singles[:8]}{' ...' if len(singles) > 8 else ''}; sample G >= 2 responses per prompt"
         )
-    mean = segment_sum(r, seg, n) / count.clamp_min(1)
+    mean = segment_sum(r, seg) / count.clamp_min(1)
     centred = r - mean[seg]
     if scale == "none":
         return centred
-    var = segment_sum(centred.square(), seg, n) / (count - 1)
+    var = segment_sum(centred.square(), seg) / (count - 1)
     return centred / (var.sqrt()[seg] + eps)
 
 
@@ -202,24 +202,24 @@ def advantage_factors(
     score = trajectory_dependency(dependency.detach(), mask)
     valid = mask.any(-1)
     b = score.shape[0]
-    seg = dense_ids(group_ids) if group_ids is not None else torch.zeros_like(score, dtype=torch.long)
+    seg = dense_ids(group_ids) if group_ids is not None else None
 
-    n_valid = segment_sum(valid.to(score.dtype), seg, b)
-    lo = segment_amin(torch.where(valid, score, float("inf")), seg, b)
-    hi = segment_amax(torch.where(valid, score, float("-inf")), seg, b)
+    n_valid = segment_sum(valid.to(score.dtype), seg)
+    lo = segment_amin(torch.where(valid, score, float("inf")), seg)
+    hi = segment_amax(torch.where(valid, score, float("-inf")), seg)
     span = hi - lo
     # `not (span <= eps)` rather than `span > eps`: a NaN range must stay active and give NaN factors.
     active = (n_valid >= 2) & ~(span <= TAS_MIN_RANGE)
     safe_span = torch.where(active, span, 1.0)
-    normalised = ((score - lo[seg]) / safe_span[seg]).clamp(0.0, 1.0)
+    normalised = ((score - broadcast(lo, seg, b)) / broadcast(safe_span, seg, b)).clamp(0.0, 1.0)
     if beta_max is None:
-        mean_n = segment_sum(torch.where(valid, normalised, 0.0), seg, b) / n_valid.clamp_min(1)
+        mean_n = segment_sum(torch.where(valid, normalised, 0.0), seg) / n_valid.clamp_min(1)
         safe_mean = torch.where(active, mean_n, 1.0)
-        spread = ((1.0 - beta_min) / safe_mean)[seg]
+        spread = broadcast((1.0 - beta_min) / safe_mean, seg, b)
     else:
         spread = torch.full_like(score, beta_max - beta_min)
     factors = beta_min + spread * normalised
-    return torch.where(valid & active[seg], factors, 1.0)
+    return torch.where(valid & broadcast(active, seg, b), factors, 1.0)
 
 
 @typechecked
