@@ -300,7 +300,9 @@ def vppo_loss(
     With ``token_mask=None``, ``dual_clip=None`` and ``clip_high=clip_low`` this is plain PPO/GRPO.
 
     Padding (``response_mask`` false) never reaches the loss or the gradient, even if it holds NaN
-    or ``-inf``. NaN at a valid token propagates to the loss.
+    or ``-inf``. NaN at a kept valid token propagates to the loss; NaN at a valid token that
+    ``token_mask`` filtered out shows in ``entropy_loss`` and ``approx_kl`` (and in the loss when a
+    KL or NLL term is on), since those count every valid token.
 
     Shapes:
         - ``logprobs``, ``old_logprobs``, ``response_mask``, ``token_mask``, ``ref_logprobs``: ``[batch, seq]``

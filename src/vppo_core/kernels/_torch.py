@@ -68,7 +68,7 @@ def kl_forward(x: Tensor, y: Tensor, temperature: float, chunk_rows: int | None 
     """
     out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
     xf, yf, of = _flatten_if_free(x), _flatten_if_free(y), out.view(-1).unsqueeze(0)
-    if xf.shape[:2] != yf.shape[:2]:  # only one of the two could be flattened
+    if xf.ndim != 3 or xf.shape[0] != 1 or yf.shape[0] != 1:  # one of the two could not be flattened
         xf, yf, of = x, y, out
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
     inv_t = 1.0 / temperature
