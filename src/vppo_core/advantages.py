@@ -147,7 +147,7 @@ def advantage_factors(
 ) -> Float[Tensor, " batch"]:
     r"""TAS factors: each trajectory's mean dependency min-max normalised and mapped to $[\beta_{min}, \beta_{max}]$.
 
-    With $\bar S_i$ from :func:`trajectory_dependency` and the minimum and maximum taken over the
+    With $\bar S_i$ from [`trajectory_dependency`][vppo_core.trajectory_dependency] and the minimum and maximum taken over the
     valid trajectories of the batch (or of each group when ``group_ids`` is given),
 
     $$
@@ -173,7 +173,7 @@ def advantage_factors(
         - returns: ``[batch]``
 
     Args:
-        dependency: Token visual dependency, e.g. from :func:`visual_dependency`.
+        dependency: Token visual dependency, e.g. from [`visual_dependency`][vppo_core.visual_dependency].
         response_mask: Valid response tokens.
         beta_min: Smallest factor, $> 0$ (paper: 0.9).
         beta_max: Largest factor ($\ge$ ``beta_min``), or ``None`` for the mean-preserving rule.
@@ -235,8 +235,8 @@ def shape_advantages(
     r"""Trajectory-level Advantage Shaping (TAS): $\hat A'_i = \alpha_i \hat A_i$.
 
     Multiplies each trajectory's advantage (per-trajectory ``[batch]`` or per-token
-    ``[batch, seq]``) by its factor from :func:`advantage_factors` (VPPO, arXiv:2510.09285, Eq. 5),
-    whatever the advantage's sign. See :func:`advantage_factors` for the normalisation, the
+    ``[batch, seq]``) by its factor from [`advantage_factors`][vppo_core.advantage_factors] (VPPO, arXiv:2510.09285, Eq. 5),
+    whatever the advantage's sign. See [`advantage_factors`][vppo_core.advantage_factors] for the normalisation, the
     mean-preserving ``beta_max=None`` rule, the edge cases and NaN handling; call it directly to log
     the factors.
 
@@ -247,7 +247,7 @@ def shape_advantages(
         - returns: the shape of ``advantages``
 
     Args:
-        advantages: GRPO/PPO advantages, e.g. from :func:`grpo_advantages`. Gradients flow through
+        advantages: GRPO/PPO advantages, e.g. from [`grpo_advantages`][vppo_core.grpo_advantages]. Gradients flow through
             them unchanged (the factors are constants).
         dependency: Token visual dependency.
         response_mask: Valid response tokens.

@@ -29,7 +29,7 @@ Denominator = Literal["valid", "kept"]
 
 
 class LossOutput(NamedTuple):
-    """What :func:`vppo_loss` returns: the loss and detached diagnostics, all 0-d tensors.
+    """What [`vppo_loss`][vppo_core.vppo_loss] returns: the loss and detached diagnostics, all 0-d tensors.
 
     Diagnostics are means over this call's valid tokens (not over ``num_tokens``); reduce them
     across ranks yourself if you log global values. No field syncs the host.
@@ -92,7 +92,7 @@ def clipped_surrogate(
     PPO (Schulman et al., 2017), asymmetric "clip-higher" bounds from DAPO (Yu et al., 2025,
     arXiv:2503.14476), dual-clip from Ye et al. (2020, arXiv:1912.09729). Defaults are VPPO-RL's
     ($\epsilon_{low}=0.2$, $\epsilon_{high}=0.28$, $c=3$). The log-ratio is clamped before ``exp``
-    so a stale token cannot overflow. Nothing is masked here: see :func:`aggregate`.
+    so a stale token cannot overflow. Nothing is masked here: see [`aggregate`][vppo_core.aggregate].
 
     Shapes:
         - ``logprobs``, ``old_logprobs``: ``[batch, seq]``
@@ -287,9 +287,9 @@ def vppo_loss(
       + \beta_{H}\,\operatorname{agg}\big(-\log\pi(o_t)\big),
     $$
 
-    with $\ell_t$ from :func:`clipped_surrogate`, $w_t$ the TGF mask (``token_mask``, e.g. from
-    :func:`token_filter_mask`; filtered tokens get exactly zero gradient) and ``agg`` from
-    :func:`aggregate`. This is Eq. 6 of VPPO (arXiv:2510.09285) as the VPPO-RL code computes it:
+    with $\ell_t$ from [`clipped_surrogate`][vppo_core.clipped_surrogate], $w_t$ the TGF mask (``token_mask``, e.g. from
+    [`token_filter_mask`][vppo_core.token_filter_mask]; filtered tokens get exactly zero gradient) and ``agg`` from
+    [`aggregate`][vppo_core.aggregate]. This is Eq. 6 of VPPO (arXiv:2510.09285) as the VPPO-RL code computes it:
     ``token-mean`` over *all* valid tokens (``denominator="valid"``), so VPPO's gradient is about
     ``k`` times GRPO's; ``denominator="kept"`` divides by the kept tokens instead, as the
     high-entropy-minority paper does. The KL and NLL terms always average over all valid tokens.
@@ -311,7 +311,7 @@ def vppo_loss(
     Args:
         logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
         old_logprobs: The same under the rollout policy.
-        advantages: Per-trajectory or per-token advantages (e.g. shaped by :func:`shape_advantages`).
+        advantages: Per-trajectory or per-token advantages (e.g. shaped by [`shape_advantages`][vppo_core.shape_advantages]).
         response_mask: Valid response tokens.
         token_mask: TGF mask (bool) or token weights (float); ``None`` keeps every token.
         clip_low: $\epsilon_{low}$.
@@ -319,7 +319,7 @@ def vppo_loss(
         dual_clip: Dual-clip constant $c > 1$ or ``None``.
         ref_logprobs: Reference-policy log-probabilities for the KL term.
         kl_coef: $\beta_{KL}$; needs ``ref_logprobs`` when non-zero.
-        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`kl_penalty`).
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see [`kl_penalty`][vppo_core.kl_penalty]).
         entropy_coef: $\beta_H$ (VPPO-RL's published runs: 0.06).
         agg: Aggregation mode.
         denominator: ``"valid"`` (VPPO-RL) or ``"kept"``.
@@ -327,12 +327,12 @@ def vppo_loss(
         num_sequences: Global sequence count for the ``seq-mean-*`` modes.
 
     Returns:
-        :class:`LossOutput`.
+        [`LossOutput`][vppo_core.LossOutput].
 
     Raises:
         ValueError: On bad clip values, an unknown mode, ``kl_coef != 0`` without ``ref_logprobs``,
             or ``num_tokens`` with ``denominator="kept"`` and a KL or NLL term (ambiguous: give the
-            auxiliary terms their own :func:`aggregate` call).
+            auxiliary terms their own [`aggregate`][vppo_core.aggregate] call).
 
     Example:
         >>> import torch
