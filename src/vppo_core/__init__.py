@@ -6,6 +6,7 @@ surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
+from .distributed import LossDenominators, loss_denominators
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .loss import AGGREGATIONS, LossOutput, aggregate, clipped_surrogate, kl_penalty, vppo_loss
 from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATIONS",
+    "LossDenominators",
     "LossOutput",
     "__version__",
     "advantage_factors",
@@ -21,6 +23,7 @@ __all__ = [
     "clipped_surrogate",
     "grpo_advantages",
     "kl_penalty",
+    "loss_denominators",
     "num_kept_tokens",
     "sampled_visual_dependency",
     "shape_advantages",

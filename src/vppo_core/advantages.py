@@ -3,6 +3,7 @@
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Bool, Float, Integer, Real, Shaped
 from torch import Tensor
 
@@ -15,6 +16,7 @@ from ._checks import (
     typechecked,
 )
 from ._segments import broadcast, dense_ids, segment_amax, segment_amin, segment_sum
+from .distributed import ProcessGroupLike, all_gather_rows, all_reduce, resolve_group
 
 __all__ = ["advantage_factors", "grpo_advantages", "shape_advantages", "trajectory_dependency"]
 
@@ -144,11 +146,12 @@ def advantage_factors(
     beta_min: float = 0.9,
     beta_max: float | None = None,
     group_ids: Integer[Tensor, " batch"] | None = None,
+    process_group: ProcessGroupLike = None,
 ) -> Float[Tensor, " batch"]:
     r"""TAS factors: each trajectory's mean dependency min-max normalised and mapped to $[\beta_{min}, \beta_{max}]$.
 
-    With $\bar S_i$ from [`trajectory_dependency`][vppo_core.trajectory_dependency] and the minimum and maximum taken over the
-    valid trajectories of the batch (or of each group when ``group_ids`` is given),
+    With $\bar S_i$ from [`trajectory_dependency`][vppo_core.trajectory_dependency] and the minimum and maximum
+    taken over the valid trajectories of the batch (or of each group when ``group_ids`` is given),
 
     $$
     n_i = \frac{\bar S_i - \min \bar S}{\max \bar S - \min \bar S}, \qquad
@@ -178,6 +181,12 @@ def advantage_factors(
         beta_min: Smallest factor, $> 0$ (paper: 0.9).
         beta_max: Largest factor ($\ge$ ``beta_min``), or ``None`` for the mean-preserving rule.
         group_ids: Normalise within each group instead of over the whole batch.
+        process_group: Compute the statistics over the global batch of this process group
+            (``"world"`` for the default group): the min, max, count and mean are all-reduced, and
+            with ``group_ids`` every rank's trajectories are gathered so that groups split across
+            ranks are handled (group ids must then be the same on every rank for one prompt). The
+            factors equal those of one process holding the concatenated batch. ``None``: this
+            process's batch only, no communication.
 
     Returns:
         One factor per trajectory, float32 (float64 for float64 dependency).
@@ -198,23 +207,42 @@ def advantage_factors(
     """
     _check_betas(beta_min, beta_max)
     check_same_device(dependency=dependency, response_mask=response_mask, group_ids=group_ids)
+    group = resolve_group(process_group)
     mask = as_bool_mask(response_mask)
     score = trajectory_dependency(dependency.detach(), mask)
     valid = mask.any(-1)
-    b = score.shape[0]
+    if group is not None and group_ids is not None:
+        # Groups may be split across ranks: gather every rank's trajectories, compute the factors of
+        # the global batch, keep this rank's rows.
+        all_rows, offset = all_gather_rows(torch.stack([score, valid.to(score.dtype)], dim=-1), group)
+        all_ids, _ = all_gather_rows(group_ids.long(), group)
+        factors = _tas_factors(all_rows[:, 0], all_rows[:, 1] > 0, dense_ids(all_ids), beta_min, beta_max, None)
+        return factors[offset : offset + score.shape[0]]
     seg = dense_ids(group_ids) if group_ids is not None else None
+    return _tas_factors(score, valid, seg, beta_min, beta_max, group)
 
-    n_valid = segment_sum(valid.to(score.dtype), seg)
-    lo = segment_amin(torch.where(valid, score, float("inf")), seg)
-    hi = segment_amax(torch.where(valid, score, float("-inf")), seg)
+
+def _tas_factors(
+    score: Tensor,
+    valid: Tensor,
+    seg: Tensor | None,
+    beta_min: float,
+    beta_max: float | None,
+    group: "dist.ProcessGroup | None",
+) -> Tensor:
+    """TAS factors from trajectory scores; batch-wide statistics all-reduced over ``group`` (seg=None)."""
+    b = score.shape[0]
+    n_valid = all_reduce(segment_sum(valid.to(score.dtype), seg), dist.ReduceOp.SUM, group)
+    lo = all_reduce(segment_amin(torch.where(valid, score, float("inf")), seg), dist.ReduceOp.MIN, group)
+    hi = all_reduce(segment_amax(torch.where(valid, score, float("-inf")), seg), dist.ReduceOp.MAX, group)
     span = hi - lo
     # `not (span <= eps)` rather than `span > eps`: a NaN range must stay active and give NaN factors.
     active = (n_valid >= 2) & ~(span <= TAS_MIN_RANGE)
     safe_span = torch.where(active, span, 1.0)
     normalised = ((score - broadcast(lo, seg, b)) / broadcast(safe_span, seg, b)).clamp(0.0, 1.0)
     if beta_max is None:
-        mean_n = segment_sum(torch.where(valid, normalised, 0.0), seg) / n_valid.clamp_min(1)
-        safe_mean = torch.where(active, mean_n, 1.0)
+        total = all_reduce(segment_sum(torch.where(valid, normalised, 0.0), seg), dist.ReduceOp.SUM, group)
+        safe_mean = torch.where(active, total / n_valid.clamp_min(1), 1.0)
         spread = broadcast((1.0 - beta_min) / safe_mean, seg, b)
     else:
         spread = torch.full_like(score, beta_max - beta_min)
@@ -231,11 +259,13 @@ def shape_advantages(
     beta_min: float = 0.9,
     beta_max: float | None = None,
     group_ids: Integer[Tensor, " batch"] | None = None,
+    process_group: ProcessGroupLike = None,
 ) -> Float[Tensor, "batch *seq"]:
     r"""Trajectory-level Advantage Shaping (TAS): $\hat A'_i = \alpha_i \hat A_i$.
 
     Multiplies each trajectory's advantage (per-trajectory ``[batch]`` or per-token
-    ``[batch, seq]``) by its factor from [`advantage_factors`][vppo_core.advantage_factors] (VPPO, arXiv:2510.09285, Eq. 5),
+    ``[batch, seq]``) by its factor from [`advantage_factors`][vppo_core.advantage_factors] (VPPO, arXiv:2510.09285,
+    Eq. 5),
     whatever the advantage's sign. See [`advantage_factors`][vppo_core.advantage_factors] for the normalisation, the
     mean-preserving ``beta_max=None`` rule, the edge cases and NaN handling; call it directly to log
     the factors.
@@ -247,13 +277,15 @@ def shape_advantages(
         - returns: the shape of ``advantages``
 
     Args:
-        advantages: GRPO/PPO advantages, e.g. from [`grpo_advantages`][vppo_core.grpo_advantages]. Gradients flow through
-            them unchanged (the factors are constants).
+        advantages: GRPO/PPO advantages, e.g. from [`grpo_advantages`][vppo_core.grpo_advantages]. Gradients
+            flow through them unchanged (the factors are constants).
         dependency: Token visual dependency.
         response_mask: Valid response tokens.
         beta_min: Smallest factor, $> 0$.
         beta_max: Largest factor, or ``None`` for the mean-preserving rule.
         group_ids: Normalise within each group instead of over the batch.
+        process_group: Statistics over the global batch of this process group (see
+            [`advantage_factors`][vppo_core.advantage_factors]).
 
     Returns:
         The shaped advantages, float32 (float64 for float64 inputs).
@@ -275,6 +307,13 @@ def shape_advantages(
             "advantages must be [batch] or [batch, seq] matching dependency "
             f"{tuple(dependency.shape)}, got {tuple(advantages.shape)}"
         )
-    factors = advantage_factors(dependency, response_mask, beta_min=beta_min, beta_max=beta_max, group_ids=group_ids)
+    factors = advantage_factors(
+        dependency,
+        response_mask,
+        beta_min=beta_min,
+        beta_max=beta_max,
+        group_ids=group_ids,
+        process_group=process_group,
+    )
     adv = advantages.to(result_dtype(advantages, factors))
     return adv * (factors.unsqueeze(-1) if adv.ndim == 2 else factors)

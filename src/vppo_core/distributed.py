@@ -1,0 +1,157 @@
+"""Batch-level statistics over the global batch: ranks of a process group and gradient-accumulation steps.
+
+A loss is only data-parallel-correct if every batch-level statistic (a token count, a min/max, a mean,
+a quantile) is computed over the global batch rather than over the rank's shard. The helpers here
+do that with ``torch.distributed`` collectives (any backend: gloo on CPU, NCCL on GPU). They are
+opt-in: nothing in vppo_core communicates unless you pass a ``process_group``.
+
+Collectives synchronise the ranks, and the few helpers that gather variable-sized shards read the
+shard sizes on the host; both happen once per rollout or optimisation batch, not per token.
+"""
+
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Shaped
+from torch import Tensor
+
+from ._checks import as_bool_mask, check_choice
+
+__all__ = ["LossDenominators", "ProcessGroupLike", "loss_denominators"]
+
+ProcessGroupLike = getattr(dist, "ProcessGroup", object) | Literal["world"] | None
+"""A process group, ``"world"`` for the default group, or ``None`` for no communication."""
+
+
+def resolve_group(process_group: ProcessGroupLike) -> dist.ProcessGroup | None:
+    if process_group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"process_group={process_group!r} needs torch.distributed to be initialised "
+            "(call torch.distributed.init_process_group first), or pass process_group=None"
+        )
+    if isinstance(process_group, str):
+        check_choice("process_group", process_group, ("world",))
+        return dist.group.WORLD
+    return process_group
+
+
+def all_reduce(t: Tensor, op: "dist.ReduceOp.RedOpType", group: dist.ProcessGroup | None) -> Tensor:
+    """All-reduce a copy of ``t`` (the argument is left untouched); identity without a group."""
+    if group is None:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
+    """Concatenate every rank's ``t`` along dim 0 (shards may differ in size).
+
+    Returns the global tensor and the offset of this rank's rows in it. Reads the shard sizes on the
+    host (one small collective).
+    """
+    world = dist.get_world_size(group)
+    size = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    counts = [int(s) for s in torch.cat(sizes).tolist()]
+    biggest = max(counts)
+    padded = t.new_zeros((biggest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    offset = sum(counts[:rank])
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]), offset
+
+
+class LossDenominators(NamedTuple):
+    """Global counts to pass to :func:`vppo_core.vppo_loss` / :func:`vppo_core.aggregate`.
+
+    Each is a 0-d float tensor, already divided by the world size when gradients are averaged over
+    ranks (see :func:`loss_denominators`).
+    """
+
+    num_tokens: Tensor
+    """Valid response tokens: ``num_tokens`` for ``denominator="valid"`` (1 if there are none)."""
+    num_kept_tokens: Tensor
+    """Kept valid tokens (``token_mask``): ``num_tokens`` for ``denominator="kept"``."""
+    num_sequences: Tensor
+    """Sequences with at least one valid token: ``num_sequences`` for the ``seq-mean-*`` modes."""
+
+
+def loss_denominators(
+    response_mask: Shaped[Tensor, "batch seq"] | Sequence[Shaped[Tensor, "batch seq"]],
+    token_mask: Shaped[Tensor, "batch seq"] | Sequence[Shaped[Tensor, "batch seq"]] | None = None,
+    *,
+    process_group: ProcessGroupLike = None,
+    gradient_reduction: Literal["mean", "sum"] = "mean",
+) -> LossDenominators:
+    r"""Global loss denominators over gradient-accumulation micro-batches and data-parallel ranks.
+
+    With these counts, every micro-batch's loss is its share of one global mean, so the summed
+    gradient equals that of a single process holding the whole batch, however the batch is split:
+
+    $$
+    \nabla \frac{\sum_{\text{all tokens}} \ell_t}{N_{global}}
+      = \sum_{\text{ranks}} \sum_{\text{micro-batches}} \nabla \frac{\sum_{\text{local}} \ell_t}{N_{global}} .
+    $$
+
+    DDP and FSDP *average* gradients over ranks; with ``gradient_reduction="mean"`` (the default)
+    the counts are divided by the world size to undo that average. Use ``"sum"`` if your setup sums
+    gradients (or for a single process). The VPPO-RL code achieves the same by multiplying each
+    micro-batch loss by ``sum(mask) * world_size / global_tokens``.
+
+    Shapes:
+        - ``response_mask``, ``token_mask``: ``[batch, seq]``, or a sequence of them (the rank's
+          micro-batches of one optimisation step)
+
+    Args:
+        response_mask: This rank's valid tokens for the whole optimisation step.
+        token_mask: This rank's kept tokens (TGF), for ``num_kept_tokens``; ``None`` counts all valid.
+        process_group: Group to sum over (``"world"`` for the default group); ``None`` for no
+            communication.
+        gradient_reduction: ``"mean"`` if the data-parallel wrapper averages gradients over ranks
+            (DDP, FSDP), ``"sum"`` if it sums them.
+
+    Returns:
+        [`LossDenominators`][vppo_core.distributed.LossDenominators] of 0-d float32 tensors.
+
+    Raises:
+        ValueError: If ``process_group`` is given but torch.distributed is not initialised, or
+            ``gradient_reduction`` is unknown.
+
+    Example:
+        >>> import torch
+        >>> from vppo_core.distributed import loss_denominators
+        >>> mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+        >>> loss_denominators([mask[:2], mask[2:]], gradient_reduction="sum")
+        LossDenominators(num_tokens=tensor(5.), num_kept_tokens=tensor(5.), num_sequences=tensor(2.))
+    """
+    check_choice("gradient_reduction", gradient_reduction, ("mean", "sum"))
+    group = resolve_group(process_group)
+    masks = [response_mask] if isinstance(response_mask, Tensor) else list(response_mask)
+    if token_mask is None:
+        keeps = [None] * len(masks)
+    else:
+        keeps = [token_mask] if isinstance(token_mask, Tensor) else list(token_mask)
+        if len(keeps) != len(masks):
+            raise ValueError(
+                f"token_mask must have one tensor per response_mask micro-batch ({len(masks)}), got {len(keeps)}"
+            )
+    if not masks:
+        raise ValueError("response_mask must hold at least one micro-batch, got an empty sequence")
+    counts = torch.zeros(3, dtype=torch.float32, device=masks[0].device)
+    for mask, keep in zip(masks, keeps):
+        valid = as_bool_mask(mask)
+        kept = valid if keep is None else valid & as_bool_mask(keep, "token_mask")
+        counts = counts + torch.stack([valid.sum(), kept.sum(), valid.any(-1).sum()]).to(counts.dtype)
+    counts = all_reduce(counts, dist.ReduceOp.SUM, group)
+    counts = torch.where(counts > 0, counts, 1.0)  # an empty global batch gives loss 0, not 0/0
+    if group is not None and gradient_reduction == "mean":
+        counts = counts / dist.get_world_size(group)
+    return LossDenominators(num_tokens=counts[0], num_kept_tokens=counts[1], num_sequences=counts[2])

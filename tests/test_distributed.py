@@ -1,0 +1,125 @@
+"""Data-parallel correctness: per-rank results with a gloo process group equal one process on the whole batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vppo_core as V
+from vppo_core.distributed import loss_denominators
+
+B, T, H, VOCAB = 13, 7, 5, 11
+
+
+def global_batch():
+    """The same global batch in every process."""
+    g = torch.Generator().manual_seed(1234)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[5:8] = False  # with the split below, rank 1 of 3 holds no valid token at all
+    dep = torch.rand(B, T, generator=g, dtype=torch.float64) ** 3
+    groups = torch.arange(B) // 4  # groups of 4 straddle the rank boundaries
+    x = torch.randn(B, T, H, generator=g)
+    tokens = torch.randint(0, VOCAB, (B, T), generator=g)
+    rewards = (torch.rand(B, generator=g) < 0.5).float()
+    return mask, dep, groups, x, tokens, rewards
+
+
+def splits(world: int) -> list[slice]:
+    bounds = {2: [0, 9, 13], 3: [0, 5, 8, 13]}[world]  # uneven shards
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def model_logprobs(model: torch.nn.Linear, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(x), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def compute(mask, dep, groups, x, tokens, rewards, *, group=None, micro_batches=1, reduction="sum"):
+    """One VPPO step's factors, loss and model gradient, on this process's shard."""
+    factors = V.advantage_factors(dep, mask, process_group=group)
+    factors_grouped = V.advantage_factors(dep, mask, group_ids=groups, beta_min=0.8, process_group=group)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(H, VOCAB).double()
+    with torch.no_grad():
+        old = model_logprobs(model, x.double(), tokens) - 0.1
+    adv = rewards.double() - 0.5
+    shaped = V.shape_advantages(adv, dep, mask, process_group=group)
+    keep = V.token_filter_mask(dep, mask, k=0.4)
+    if micro_batches > 1:  # the rank's batch in micro-batches of 2 trajectories
+        chunks = [slice(i, i + 2) for i in range(0, mask.shape[0], 2)]
+    else:
+        chunks = [slice(0, mask.shape[0])]
+    den = loss_denominators([mask[c] for c in chunks], process_group=group, gradient_reduction=reduction)
+    total = torch.zeros((), dtype=torch.float64)
+    for c in chunks:
+        lp = model_logprobs(model, x[c].double(), tokens[c])
+        out = V.vppo_loss(lp, old[c], shaped[c], mask[c], keep[c], entropy_coef=0.06, num_tokens=den.num_tokens)
+        out.loss.backward()
+        total = total + out.loss.detach()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    return {"factors": factors, "factors_grouped": factors_grouped, "loss": total, "grad": grads}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sl = splits(world)[rank]
+        shard = [t[sl] for t in global_batch()]
+        results = {
+            "sum": compute(*shard, group="world", micro_batches=2, reduction="sum"),
+            "mean": compute(*shard, group=dist.group.WORLD, reduction="mean"),
+        }
+        for key in ("sum", "mean"):  # what DDP would do with the gradients
+            summed = results[key]["grad"].clone()
+            dist.all_reduce(summed)
+            results[key]["grad_reduced"] = summed if key == "sum" else summed / world
+            loss = results[key]["loss"].clone()
+            dist.all_reduce(loss)
+            results[key]["loss_reduced"] = loss if key == "sum" else loss / world
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_match_single_process(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    full = compute(*global_batch())
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for key in ("sum", "mean"):
+        factors = torch.cat([r[key]["factors"] for r in per_rank])
+        torch.testing.assert_close(factors, full["factors"], rtol=0, atol=1e-6)
+        grouped = torch.cat([r[key]["factors_grouped"] for r in per_rank])
+        torch.testing.assert_close(grouped, full["factors_grouped"], rtol=0, atol=1e-6)
+        for r in per_rank:
+            torch.testing.assert_close(r[key]["grad_reduced"], full["grad"], rtol=0, atol=1e-6)
+            torch.testing.assert_close(r[key]["loss_reduced"], full["loss"], rtol=0, atol=1e-6)
+    # the split really does exercise the edge cases
+    if world == 3:
+        assert not global_batch()[0][splits(3)[1]].any()
+    assert (full["factors"] != 1).any() and (full["factors_grouped"] != 1).any()
+
+
+def test_loss_denominators_single_process():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    keep = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    den = loss_denominators(mask, keep)
+    assert (den.num_tokens.item(), den.num_kept_tokens.item(), den.num_sequences.item()) == (5, 3, 2)
+    split = loss_denominators([mask[:1], mask[1:]], [keep[:1], keep[1:]])
+    assert split == den or all(torch.equal(a, b) for a, b in zip(split, den))
+    empty = loss_denominators(torch.zeros(2, 3, dtype=torch.bool))
+    assert empty.num_tokens == 1  # an empty batch gives loss 0, not 0/0
+
+
+def test_process_group_errors():
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="needs torch.distributed to be initialised"):
+        loss_denominators(mask, process_group="world")
+    with pytest.raises(ValueError, match="needs torch.distributed to be initialised"):
+        V.advantage_factors(torch.rand(2, 3), mask, process_group="world")
+    with pytest.raises(ValueError, match=r"token_mask must have one tensor per response_mask micro-batch \(2\), got 1"):
+        loss_denominators([mask, mask], [mask])
+    with pytest.raises(ValueError, match="gradient_reduction must be one of"):
+        loss_denominators(mask, gradient_reduction="avg")
