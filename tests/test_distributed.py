@@ -1,5 +1,6 @@
 """Data-parallel correctness: per-rank results with a gloo process group equal one process on the whole batch."""
 
+import itertools
 import os
 
 import pytest
@@ -28,7 +29,7 @@ def global_batch():
 
 def splits(world: int) -> list[slice]:
     bounds = {2: [0, 9, 13], 3: [0, 5, 8, 13]}[world]  # uneven shards
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def model_logprobs(model: torch.nn.Linear, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,10 +47,8 @@ def compute(mask, dep, groups, x, tokens, rewards, *, group=None, micro_batches=
     adv = rewards.double() - 0.5
     shaped = V.shape_advantages(adv, dep, mask, process_group=group)
     keep = V.token_filter_mask(dep, mask, k=0.4)
-    if micro_batches > 1:  # the rank's batch in micro-batches of 2 trajectories
-        chunks = [slice(i, i + 2) for i in range(0, mask.shape[0], 2)]
-    else:
-        chunks = [slice(0, mask.shape[0])]
+    n = mask.shape[0]  # the rank's batch whole, or in micro-batches of 2 trajectories
+    chunks = [slice(i, i + 2) for i in range(0, n, 2)] if micro_batches > 1 else [slice(0, n)]
     den = loss_denominators([mask[c] for c in chunks], process_group=group, gradient_reduction=reduction)
     total = torch.zeros((), dtype=torch.float64)
     for c in chunks:
@@ -115,9 +114,9 @@ def test_loss_denominators_single_process():
 
 def test_process_group_errors():
     mask = torch.ones(2, 3)
-    with pytest.raises(ValueError, match="needs torch.distributed to be initialised"):
+    with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):
         loss_denominators(mask, process_group="world")
-    with pytest.raises(ValueError, match="needs torch.distributed to be initialised"):
+    with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):
         V.advantage_factors(torch.rand(2, 3), mask, process_group="world")
     with pytest.raises(ValueError, match=r"token_mask must have one tensor per response_mask micro-batch \(2\), got 1"):
         loss_denominators([mask, mask], [mask])

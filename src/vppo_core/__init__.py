@@ -6,8 +6,8 @@ surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
-from .distributed import LossDenominators, loss_denominators
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
+from .distributed import LossDenominators, loss_denominators
 from .loss import AGGREGATIONS, LossOutput, aggregate, clipped_surrogate, kl_penalty, vppo_loss
 from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
 
