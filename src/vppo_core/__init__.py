@@ -8,7 +8,18 @@ surrogate loss they feed. See the documentation for the maths and the papers.
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .distributed import LossDenominators, loss_denominators
-from .loss import AGGREGATIONS, LossOutput, aggregate, clipped_surrogate, kl_penalty, vppo_loss
+from .loss import (
+    AGGREGATIONS,
+    LossOutput,
+    aggregate,
+    cispo_loss,
+    cispo_surrogate,
+    clipped_surrogate,
+    gspo_loss,
+    gspo_surrogate,
+    kl_penalty,
+    vppo_loss,
+)
 from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
 
 __version__ = "0.1.0"
@@ -20,8 +31,12 @@ __all__ = [
     "__version__",
     "advantage_factors",
     "aggregate",
+    "cispo_loss",
+    "cispo_surrogate",
     "clipped_surrogate",
     "grpo_advantages",
+    "gspo_loss",
+    "gspo_surrogate",
     "kl_penalty",
     "loss_denominators",
     "num_kept_tokens",

@@ -1,4 +1,10 @@
-"""The clipped policy-gradient surrogate, loss aggregation, and the VPPO loss that composes them."""
+"""Policy-gradient losses: per-token surrogates (PPO clip, GSPO, CISPO), aggregation, and the losses that compose them.
+
+Each loss is the same three steps: a per-token surrogate, the shared masking/aggregation
+([`aggregate`][vppo_core.aggregate]), and the shared optional KL and NLL terms with detached diagnostics. Only the
+surrogate differs between [`vppo_loss`][vppo_core.vppo_loss], [`gspo_loss`][vppo_core.gspo_loss] and
+[`cispo_loss`][vppo_core.cispo_loss].
+"""
 
 from typing import Literal, NamedTuple
 
@@ -13,7 +19,11 @@ __all__ = [
     "AGGREGATIONS",
     "LossOutput",
     "aggregate",
+    "cispo_loss",
+    "cispo_surrogate",
     "clipped_surrogate",
+    "gspo_loss",
+    "gspo_surrogate",
     "kl_penalty",
     "vppo_loss",
 ]
@@ -259,6 +269,95 @@ def aggregate(
     return seq_sum.sum() / n_seq
 
 
+class _Prepared(NamedTuple):
+    valid: Tensor
+    lp: Tensor
+    old: Tensor
+    adv: Tensor
+
+
+def _prepare(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    ref_logprobs: Tensor | None,
+    denominator: str,
+    num_tokens: float | Tensor | None,
+    kl_coef: float,
+    entropy_coef: float,
+) -> _Prepared:
+    """Checks shared by the policy losses; upcasts and replaces padding by constants.
+
+    Padding is replaced *before* any arithmetic, so NaN/-inf there can reach neither the loss nor
+    (through a 0 * nan product) the gradient.
+    """
+    check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logprobs; pass them or set kl_coef=0")
+    if num_tokens is not None and denominator == "kept" and (kl_coef != 0.0 or entropy_coef != 0.0):
+        raise ValueError(
+            "num_tokens with denominator='kept' is ambiguous for the KL/NLL terms, which count all "
+            "valid tokens; set kl_coef=entropy_coef=0 and aggregate those terms yourself with aggregate()"
+        )
+    valid = as_bool_mask(response_mask)
+    dtype = result_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
+    lp = torch.where(valid, logprobs.to(dtype), 0.0)
+    old = torch.where(valid, old_logprobs.to(dtype), 0.0)
+    adv = torch.where(valid, _broadcast_advantages(advantages.to(dtype), lp.shape), 0.0)
+    return _Prepared(valid, lp, old, adv)
+
+
+def _finish(
+    prep: _Prepared,
+    token_loss: Tensor,
+    clipped: Tensor,
+    dual_clipped: Tensor | None,
+    token_mask: Tensor | None,
+    *,
+    ref_logprobs: Tensor | None,
+    kl_coef: float,
+    kl_estimator: str,
+    entropy_coef: float,
+    agg: str,
+    denominator: str,
+    num_tokens: float | Tensor | None,
+    num_sequences: float | Tensor | None,
+) -> LossOutput:
+    """Aggregation, the auxiliary KL and NLL terms and the diagnostics, shared by the policy losses."""
+    valid, lp, old = prep.valid, prep.lp, prep.old
+    counts = {"num_tokens": num_tokens, "num_sequences": num_sequences}
+    pg = aggregate(token_loss, valid, token_mask, agg=agg, denominator=denominator, **counts)
+    aux_counts = counts if denominator == "valid" else {"num_sequences": num_sequences}
+    nll = aggregate(-lp, valid, agg=agg, **aux_counts)
+    loss = pg + entropy_coef * nll if entropy_coef != 0.0 else pg
+    if ref_logprobs is not None:
+        ref = torch.where(valid, ref_logprobs.to(lp.dtype), 0.0)
+        kl = aggregate(kl_penalty(lp, ref, estimator=kl_estimator), valid, agg=agg, **aux_counts)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * kl
+    else:
+        kl = lp.new_zeros(())
+
+    with torch.no_grad():
+        n_valid = valid.sum().clamp_min(1).to(lp.dtype)
+
+        def frac(flags: Tensor | None) -> Tensor:
+            return lp.new_zeros(()) if flags is None else (flags & valid).sum().to(lp.dtype) / n_valid
+
+        kept = valid if token_mask is None else valid & as_bool_mask(token_mask, "token_mask")
+        return LossOutput(
+            loss=loss,
+            pg_loss=pg.detach(),
+            kl_loss=kl.detach(),
+            entropy_loss=nll.detach(),
+            clip_frac=frac(clipped),
+            dual_clip_frac=frac(dual_clipped),
+            approx_kl=torch.where(valid, old - lp, 0.0).sum() / n_valid,
+            kept_frac=frac(kept),
+        )
+
+
 @typechecked
 def vppo_loss(
     logprobs: Float[Tensor, "batch seq"],
@@ -311,7 +410,8 @@ def vppo_loss(
     Args:
         logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
         old_logprobs: The same under the rollout policy.
-        advantages: Per-trajectory or per-token advantages (e.g. shaped by [`shape_advantages`][vppo_core.shape_advantages]).
+        advantages: Per-trajectory or per-token advantages (e.g. shaped by
+            [`shape_advantages`][vppo_core.shape_advantages]).
         response_mask: Valid response tokens.
         token_mask: TGF mask (bool) or token weights (float); ``None`` keeps every token.
         clip_low: $\epsilon_{low}$.
@@ -349,55 +449,262 @@ def vppo_loss(
         >>> out.kept_frac
         tensor(0.5000)
     """
-    check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logprobs; pass them or set kl_coef=0")
-    aux = kl_coef != 0.0 or entropy_coef != 0.0
-    if num_tokens is not None and denominator == "kept" and aux:
-        raise ValueError(
-            "num_tokens with denominator='kept' is ambiguous for the KL/NLL terms, which count all "
-            "valid tokens; set kl_coef=entropy_coef=0 and aggregate those terms yourself with aggregate()"
-        )
+    _check_clips(clip_low, clip_high, dual_clip)
+    prep = _prepare(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, denominator, num_tokens, kl_coef, entropy_coef
+    )
+    token_loss = clipped_surrogate(
+        prep.lp, prep.old, prep.adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
+    )
+    with torch.no_grad():
+        ratio = torch.exp((prep.lp - prep.old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        unclipped = torch.maximum(-prep.adv * ratio, -prep.adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+        clipped = -prep.adv * ratio < unclipped
+        dual = (prep.adv < 0) & (unclipped > -prep.adv * dual_clip) if dual_clip is not None else None
+    return _finish(
+        prep,
+        token_loss,
+        clipped,
+        dual,
+        token_mask,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        agg=agg,
+        denominator=denominator,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
+
+
+# ----------------------------------------------------------------------------- GSPO and CISPO
+
+
+@typechecked
+def gspo_surrogate(
+    logprobs: Float[Tensor, "batch seq"],
+    old_logprobs: Float[Tensor, "batch seq"],
+    advantages: Float[Tensor, "batch *seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+) -> Float[Tensor, "batch seq"]:
+    r"""Per-token form of GSPO's sequence-level clipped surrogate (GSPO-token).
+
+    GSPO (Zheng et al., 2025, arXiv:2507.18071) replaces the token ratio by the length-normalised
+    sequence ratio $s_i = \exp\big(\frac{1}{|o_i|}\sum_t (\log\pi_t - \log\pi_{old,t})\big)$ and clips it
+    per sequence. Its token form keeps the value $s_i$ at every token while routing the gradient
+    through the token's own log-probability:
+
+    $$
+    s_{i,t} = \operatorname{sg}(s_i)\,\frac{\pi_t}{\operatorname{sg}(\pi_t)}, \qquad
+    \ell_{i,t} = \max\!\big(-\hat A_{i,t}\, s_{i,t},\ -\hat A_{i,t}\operatorname{clip}(s_{i,t}, 1-\epsilon_{low},
+    1+\epsilon_{high})\big).
+    $$
+
+    Averaged with ``agg="seq-mean-token-mean"`` this is exactly GSPO's objective and gradient when
+    the advantage is constant along a sequence (and GSPO-token otherwise). The sequence log-ratio is
+    clamped to $\pm 20$. Defaults are the paper's clip range ($3\cdot10^{-4}$, $4\cdot10^{-4}$).
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+        - returns: ``[batch, seq]`` (0 at padded tokens)
+
+    Example:
+        >>> import torch
+        >>> lp = torch.log(torch.tensor([[2.0, 0.5, 9.0]]))  # sequence ratio exp(mean log) = 1 over 2 tokens
+        >>> gspo_surrogate(lp, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1, 1, 0]]))
+        tensor([[-1., -1.,  0.]])
+    """
+    _check_clips(clip_low, clip_high, None)
     valid = as_bool_mask(response_mask)
-    dtype = result_dtype(logprobs, old_logprobs, advantages, ref_logprobs)
-    # Padding is replaced by constants *before* any arithmetic, so NaN/-inf there can reach neither
-    # the loss nor (through a 0 * nan product) the gradient.
+    dtype = result_dtype(logprobs, old_logprobs, advantages)
     lp = torch.where(valid, logprobs.to(dtype), 0.0)
     old = torch.where(valid, old_logprobs.to(dtype), 0.0)
     adv = torch.where(valid, _broadcast_advantages(advantages.to(dtype), lp.shape), 0.0)
+    n = valid.sum(-1, keepdim=True).clamp_min(1).to(dtype)
+    seq_log_ratio = ((lp - old).sum(-1, keepdim=True) / n).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(seq_log_ratio.detach() + lp - lp.detach())
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    return torch.where(valid, loss, 0.0)
 
-    token_loss = clipped_surrogate(lp, old, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
-    counts = {"num_tokens": num_tokens, "num_sequences": num_sequences}
-    pg = aggregate(token_loss, valid, token_mask, agg=agg, denominator=denominator, **counts)
-    aux_counts = counts if denominator == "valid" else {"num_sequences": num_sequences}
-    nll = aggregate(-lp, valid, agg=agg, **aux_counts)
-    loss = pg + entropy_coef * nll if entropy_coef != 0.0 else pg
-    if ref_logprobs is not None:
-        ref = torch.where(valid, ref_logprobs.to(dtype), 0.0)
-        kl = aggregate(kl_penalty(lp, ref, estimator=kl_estimator), valid, agg=agg, **aux_counts)
-        if kl_coef != 0.0:
-            loss = loss + kl_coef * kl
-    else:
-        kl = lp.new_zeros(())
 
+@typechecked
+def cispo_surrogate(
+    logprobs: Float[Tensor, "batch seq"],
+    old_logprobs: Float[Tensor, "batch seq"],
+    advantages: Float[Tensor, "batch *seq"],
+    *,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+) -> Float[Tensor, "batch seq"]:
+    r"""Per-token CISPO loss: REINFORCE weighted by the clipped, detached importance ratio.
+
+    CISPO (MiniMax-M1, arXiv:2506.13585) clips the importance-sampling weight instead of the update,
+    so no token loses its gradient:
+
+    $$
+    \ell_t = -\operatorname{sg}\big(\operatorname{clip}(r_t, 1-\epsilon_{low}, 1+\epsilon_{high})\big)\,\hat
+    A_t\,\log\pi_t,
+    \qquad r_t = \exp(\operatorname{clamp}(\log\pi_t - \log\pi_{old,t}, -20, 20)).
+    $$
+
+    MiniMax-M1 imposes no lower bound (``clip_low=1.0``, the default) and tunes only the upper one;
+    ``clip_high=0.28`` follows DAPO's clip-higher as a starting point.
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+        - returns: ``[batch, seq]``
+
+    Example:
+        >>> import torch
+        >>> lp = torch.log(torch.tensor([[2.0, 1.0]]))
+        >>> cispo_surrogate(lp, torch.zeros(1, 2), torch.tensor([1.0]))  # weight min(2, 1.28) on -log 2
+        tensor([[-0.8872, -0.0000]])
+    """
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low must be in [0, 1] (1 removes the lower bound), got {clip_low!r}")
+    if not clip_high >= 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
+    dtype = result_dtype(logprobs, old_logprobs, advantages)
+    lp, old = logprobs.to(dtype), old_logprobs.to(dtype)
+    adv = _broadcast_advantages(advantages.to(dtype), lp.shape)
+    ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).detach()
+    return -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv * lp
+
+
+@typechecked
+def gspo_loss(
+    logprobs: Float[Tensor, "batch seq"],
+    old_logprobs: Float[Tensor, "batch seq"],
+    advantages: Float[Tensor, "batch *seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    token_mask: Shaped[Tensor, "batch seq"] | None = None,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    ref_logprobs: Float[Tensor, "batch seq"] | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+    entropy_coef: float = 0.0,
+    agg: Aggregation = "seq-mean-token-mean",
+    denominator: Denominator = "valid",
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+) -> LossOutput:
+    r"""GSPO's sequence-level clipped objective, with the masking, aggregation and terms of `vppo_loss`.
+
+    $\ell_{i,t}$ from [`gspo_surrogate`][vppo_core.gspo_surrogate] (Zheng et al., 2025,
+    arXiv:2507.18071), aggregated by default with ``seq-mean-token-mean`` as in the paper. A
+    ``token_mask`` (e.g. VPPO's TGF mask) restricts which tokens carry gradient, as in
+    [`vppo_loss`][vppo_core.vppo_loss]; the sequence ratio always uses every valid token.
+    ``clip_frac`` counts the valid tokens of sequences whose clipped ratio binds;
+    ``dual_clip_frac`` is 0.
+
+    Shapes:
+        - as [`vppo_loss`][vppo_core.vppo_loss]
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
+
+    Example:
+        >>> import torch
+        >>> lp = torch.zeros(2, 3, requires_grad=True)
+        >>> out = gspo_loss(lp, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.ones(2, 3))
+        >>> out.loss.backward()
+        >>> lp.grad  # each sequence's gradient spread evenly over its tokens, seq-mean
+        tensor([[-0.1667, -0.1667, -0.1667],
+                [ 0.1667,  0.1667,  0.1667]])
+    """
+    _check_clips(clip_low, clip_high, None)
+    prep = _prepare(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, denominator, num_tokens, kl_coef, entropy_coef
+    )
+    token_loss = gspo_surrogate(prep.lp, prep.old, prep.adv, prep.valid, clip_low=clip_low, clip_high=clip_high)
     with torch.no_grad():
-        n_valid = valid.sum().clamp_min(1).to(dtype)
+        n = prep.valid.sum(-1, keepdim=True).clamp_min(1)
+        seq_ratio = torch.exp(((prep.lp - prep.old).sum(-1, keepdim=True) / n).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        clipped = (-prep.adv * seq_ratio) < (-prep.adv * seq_ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    return _finish(
+        prep,
+        token_loss,
+        clipped,
+        None,
+        token_mask,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        agg=agg,
+        denominator=denominator,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
 
-        def frac(flags: Tensor) -> Tensor:
-            return (flags & valid).sum().to(dtype) / n_valid
 
-        ratio = torch.exp((lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-        unclipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
-        clipped = -adv * ratio < unclipped
-        dual = (adv < 0) & (unclipped > -adv * dual_clip) if dual_clip is not None else torch.zeros_like(valid)
-        kept = valid if token_mask is None else valid & as_bool_mask(token_mask, "token_mask")
-        diagnostics = {
-            "pg_loss": pg.detach(),
-            "kl_loss": kl.detach(),
-            "entropy_loss": nll.detach(),
-            "clip_frac": frac(clipped),
-            "dual_clip_frac": frac(dual),
-            "approx_kl": torch.where(valid, old - lp, 0.0).sum() / n_valid,
-            "kept_frac": frac(kept),
-        }
-    return LossOutput(loss=loss, **diagnostics)
+@typechecked
+def cispo_loss(
+    logprobs: Float[Tensor, "batch seq"],
+    old_logprobs: Float[Tensor, "batch seq"],
+    advantages: Float[Tensor, "batch *seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    token_mask: Shaped[Tensor, "batch seq"] | None = None,
+    *,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+    ref_logprobs: Float[Tensor, "batch seq"] | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+    entropy_coef: float = 0.0,
+    agg: Aggregation = "token-mean",
+    denominator: Denominator = "valid",
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+) -> LossOutput:
+    r"""CISPO's clipped-weight REINFORCE, with the masking, aggregation and terms of `vppo_loss`.
+
+    $\ell_t$ from [`cispo_surrogate`][vppo_core.cispo_surrogate] (MiniMax-M1, arXiv:2506.13585),
+    token-mean by default as in the paper. ``clip_frac`` counts the valid tokens whose importance
+    weight was clipped; ``dual_clip_frac`` is 0.
+
+    Shapes:
+        - as [`vppo_loss`][vppo_core.vppo_loss]
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
+
+    Example:
+        >>> import torch
+        >>> lp = torch.zeros(1, 2, requires_grad=True)
+        >>> cispo_loss(lp, torch.zeros(1, 2), torch.tensor([2.0]), torch.ones(1, 2)).loss.backward()
+        >>> lp.grad
+        tensor([[-1., -1.]])
+    """
+    if not 0.0 <= clip_low <= 1.0:
+        raise ValueError(f"clip_low must be in [0, 1] (1 removes the lower bound), got {clip_low!r}")
+    prep = _prepare(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, denominator, num_tokens, kl_coef, entropy_coef
+    )
+    token_loss = cispo_surrogate(prep.lp, prep.old, prep.adv, clip_low=clip_low, clip_high=clip_high)
+    with torch.no_grad():
+        ratio = torch.exp((prep.lp - prep.old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        clipped = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+    return _finish(
+        prep,
+        token_loss,
+        clipped,
+        None,
+        token_mask,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        agg=agg,
+        denominator=denominator,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
