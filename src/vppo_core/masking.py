@@ -42,9 +42,9 @@ def topk_token_mask(
     ($\lceil k n_i \rceil$, at least one when $n_i \ge 1$, none when $n_i = 0$). Padded tokens are
     never kept, whatever their score. Ties are broken deterministically: among equal scores the
     lowest position wins. The same helper serves any per-token score: visual dependency (VPPO's TGF,
-    see [`token_filter_mask`][vppo_core.token_filter_mask]), token entropy (the "high-entropy minority" rule of Wang et al.,
-    2025, arXiv:2506.01939, per trajectory), or random scores (the random-token ablation). Masks are
-    plain bool tensors and combine with ``|`` and ``&``.
+    see [`token_filter_mask`][vppo_core.token_filter_mask]), token entropy (the "high-entropy
+    minority" rule of Wang et al., 2025, arXiv:2506.01939, per trajectory), or random scores (the
+    random-token ablation). Masks are plain bool tensors and combine with ``|`` and ``&``.
 
     NaN scores follow ``torch.sort``'s order and rank above every number, so a valid token with a
     NaN score is kept first; the NaN itself is left visible in ``scores``.
@@ -96,8 +96,8 @@ def token_filter_mask(
     VPPO (arXiv:2510.09285, Sec. 4) lets only these tokens carry policy gradient: the mask multiplies
     the per-token surrogate in [`vppo_loss`][vppo_core.vppo_loss], and every other token gets exactly zero gradient.
     ``k = 0.4`` is the paper's best value; the VPPO-RL code's default is 0.2. A binary mask beat a
-    soft weighting in the paper's ablation. This is [`topk_token_mask`][vppo_core.topk_token_mask] with the dependency as
-    score; see it for the exact count, tie-breaking and NaN handling.
+    soft weighting in the paper's ablation. This is [`topk_token_mask`][vppo_core.topk_token_mask]
+    with the dependency as score; see it for the exact count, tie-breaking and NaN handling.
 
     Shapes:
         - ``dependency``, ``response_mask``: ``[batch, seq]``
