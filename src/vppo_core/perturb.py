@@ -669,7 +669,7 @@ def pixel_values_to_images(
     pixel_values: Float[Tensor, "patches features"],
     image_grid_thw: Integer[Tensor, "images 3"],
     layout: PixelLayout,
-) -> list[Float[Tensor, "frames channels height width"]]:
+) -> list[Float[Tensor, "_frames channels _height _width"]]:
     """Undo the Qwen-VL patch layout: the normalised images, ``[t * temporal, C, h * patch, w * patch]`` each.
 
     An image (``t = 1``) comes back as ``temporal_patch_size`` identical frames. See
@@ -706,7 +706,7 @@ def pixel_values_to_images(
 
 @typechecked
 def images_to_pixel_values(
-    images: Sequence[Float[Tensor, "frames channels height width"]],
+    images: Sequence[Float[Tensor, "_frames channels _height _width"]],
     layout: PixelLayout,
 ) -> tuple[Float[Tensor, "patches features"], Integer[Tensor, "images 3"]]:
     """Lay out normalised images as a Qwen-VL processor does: the inverse of :func:`pixel_values_to_images`.
