@@ -189,6 +189,17 @@ def test_gradient_flows_from_real_pass_only(loaded: tuple) -> None:
         torch.testing.assert_close(grads[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_unperturbed_image_gives_zero_dependency_and_empty_mask_works(loaded: tuple) -> None:
+    model, processor = loaded
+    batch, mask = make_batch(processor, "right")
+    with torch.no_grad():
+        out = token_dependency(model, batch, batch["pixel_values"].clone(), mask)
+        empty = token_dependency(model, batch, batch["pixel_values"], torch.zeros_like(mask))
+    torch.testing.assert_close(out.logprobs_perturbed, out.logprobs, atol=1e-6, rtol=0)
+    assert float(out.dependency.abs().max()) < 1e-6
+    assert all(t.shape == mask.shape and not t.any() for t in empty)
+
+
 def test_missing_mm_token_type_ids_are_rebuilt(loaded: tuple) -> None:
     model, processor = loaded
     batch, mask = make_batch(processor, "left")

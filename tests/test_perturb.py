@@ -143,6 +143,10 @@ def test_blacken_edge_patches_are_cropped_patches() -> None:
         assert torch.equal(out[0, 0, 28:, :14] == 0, states[0, 2, 0].expand(2, 14))
 
 
+def test_blacken_empty_batch() -> None:
+    assert blacken_patches(torch.zeros(0, 3, 30, 30), generator=gen()).shape == (0, 3, 30, 30)
+
+
 def test_blacken_fill_per_channel() -> None:
     images = torch.zeros(1, 3, 14, 14)
     out = blacken_patches(images, generator=gen(), p=1.0, fill=(-1.0, -2.0, -3.0))
@@ -171,13 +175,18 @@ def test_blacken_property_all_or_nothing(height: int, width: int, size: int, p: 
         ({"p": float("nan")}, ValueError, "p must be a probability"),
         ({"patch_size": 0}, ValueError, "patch_size must be an integer >= 1, got 0"),
         ({"fill": (0.0, 0.0)}, ValueError, "fill must be a finite number or 3 finite numbers"),
+        (
+            {"fill": -1.0, "images": torch.zeros(1, 3, 14, 14, dtype=torch.uint8)},
+            ValueError,
+            r"fill must be in \[0, 255\]",
+        ),
         ({"generator": None}, TypeError, "generator"),
     ],
 )
 def test_blacken_errors(kwargs: dict, error: type, match: str) -> None:
-    args = {"generator": gen(), **kwargs}
+    args = {"generator": gen(), "images": torch.zeros(1, 3, 14, 14), **kwargs}
     with pytest.raises(error, match=match):
-        blacken_patches(torch.zeros(1, 3, 14, 14), **args)
+        blacken_patches(**args)
 
 
 def test_blacken_rejects_bad_shape_and_dtype() -> None:

@@ -287,7 +287,8 @@ def token_dependency(
         >>> prompt += "<|im_start|>assistant\n"
         >>> batch = processor(images=[Image.new("RGB", (56, 56), "red")], text=[prompt + "answer : 3"],
         ...                   return_tensors="pt")
-        >>> n_prompt = len(processor(images=[Image.new("RGB", (56, 56))], text=[prompt])["input_ids"][0])
+        >>> prompt_ids = processor(images=[Image.new("RGB", (56, 56))], text=[prompt])["input_ids"]
+        >>> n_prompt = len(prompt_ids[0])  # prompt tokens after the image pads are expanded
         >>> mask = response_mask_from_prompt_lengths(batch["attention_mask"], torch.tensor([n_prompt]))
         >>> perturbed = blacken_patches_pixel_values(batch["pixel_values"], batch["image_grid_thw"],
         ...     PixelLayout.from_processor(processor), generator=torch.Generator().manual_seed(0))
