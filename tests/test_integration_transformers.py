@@ -262,6 +262,21 @@ def test_biased_head_and_bf16(loaded: tuple) -> None:
     assert_close_to(out, oracle(half, half_batch, perturbed.bfloat16(), mask, 0.7), atol=3e-2)
 
 
+def test_tiny_builders() -> None:
+    state = torch.get_rng_state()
+    a, b = tiny_qwen_vl("qwen2_5_vl", seed=3), tiny_qwen_vl("qwen2_5_vl", seed=3)
+    assert torch.equal(state, torch.get_rng_state())  # seeded under fork_rng
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, tiny_qwen_vl("qwen2_5_vl", seed=4).lm_head.weight)
+    tok = tiny_processor(words=("red", "blue", "?")).tokenizer
+    assert len(tok) == 8 + 3
+    assert tok.decode(tok("Red or BLUE?")["input_ids"]) == "red <unk> blue ?"
+    with pytest.raises(ValueError, match="words must be non-empty strings without whitespace"):
+        tiny_processor(words=("two words",))
+    with pytest.raises(ValueError, match="family must be one of"):
+        tiny_qwen_vl("llava")
+
+
 def test_response_mask_from_prompt_lengths() -> None:
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     expected = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
