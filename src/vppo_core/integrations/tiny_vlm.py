@@ -335,18 +335,19 @@ def tiny_qwen_vl_config(
 ) -> PretrainedConfig:
     """The configuration of a tiny Qwen-VL model whose vocabulary and special ids match ``tokenizer``.
 
-    Text: ``hidden_size`` wide (64), ``num_layers`` layers, 4 attention heads of 16 with 2 KV heads,
-    M-RoPE sections ``[2, 3, 3]`` (interleaved for Qwen3-VL). Vision: ``vision_depth`` blocks,
-    width 32, 2 heads, the family's patch size (14; Qwen3-VL 16), 2x2 merge to the text width;
-    Qwen2.5-VL adds window attention (window 56, block 1 full), Qwen3-VL 64 learned position
-    embeddings and a deepstack tap at block 0.
+    Text: ``hidden_size`` wide (64), ``num_layers`` layers, attention heads of 16 (``hidden_size // 16``
+    of them; 2 KV heads, 1 if the head count is odd), MLP ``2 * hidden_size``, M-RoPE sections
+    ``[2, 3, 3]`` (interleaved for Qwen3-VL). Vision: ``vision_depth`` blocks, width 32, 2 heads, the
+    family's patch size (14; Qwen3-VL 16), 2x2 merge to the text width; Qwen2.5-VL adds window
+    attention (window 56, last block full), Qwen3-VL 64 learned position embeddings and a deepstack
+    tap at block 0.
 
     Args:
         family: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
         tokenizer: Supplies ``vocab_size`` and the image / video / vision-start / vision-end /
             pad / eos ids.
-        hidden_size: Text width; must be a multiple of 16 (four heads of ``hidden_size // 4``,
-            M-RoPE needs ``head_dim == 16``).
+        hidden_size: Text width, a positive multiple of 16 (M-RoPE sections ``[2, 3, 3]`` fix the
+            head size at 16).
         num_layers: Text decoder layers.
         vision_depth: Vision transformer blocks.
         tie_word_embeddings: Share the input embedding and the output projection.
@@ -355,20 +356,28 @@ def tiny_qwen_vl_config(
         A ``Qwen2VLConfig``, ``Qwen2_5_VLConfig`` or ``Qwen3VLConfig``.
 
     Raises:
-        ValueError: If ``family`` is unknown or ``hidden_size`` is not 64 (the M-RoPE sections fix
-            the head size at 16 with four heads).
+        ValueError: If ``family`` is unknown or ``hidden_size`` is not a positive multiple of 16.
+
+    Example:
+        >>> config = tiny_qwen_vl_config("qwen3_vl", tiny_tokenizer(), hidden_size=128)
+        >>> config.text_config.num_attention_heads, config.text_config.head_dim
+        (8, 16)
     """
     _check_family(family)
-    if hidden_size != 64:
-        raise ValueError(f"hidden_size must be 64 (4 heads of 16 fit mrope_section [2, 3, 3]), got {hidden_size!r}")
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 16 or hidden_size % 16:
+        raise ValueError(
+            "hidden_size must be a positive multiple of 16 (heads of 16 fit mrope_section [2, 3, 3]), "
+            f"got {hidden_size!r}"
+        )
+    heads = hidden_size // 16
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2 if heads % 2 == 0 else 1,
         "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         "bos_token_id": ids["<|endoftext|>"],
@@ -405,7 +414,7 @@ def tiny_qwen_vl_config(
             "fullatt_block_indexes": [vision_depth - 1],
         }
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
-    text["head_dim"] = hidden_size // 4
+    text["head_dim"] = 16
     text["rope_parameters"]["mrope_interleaved"] = True
     vision = {
         "depth": vision_depth,
@@ -434,10 +443,11 @@ def tiny_qwen_vl(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
+    hidden_size: int = 64,
     num_layers: int = 2,
     vision_depth: int = 2,
 ) -> PreTrainedModel:
-    """A randomly initialised tiny Qwen-VL ``*ForConditionalGeneration`` (~0.1 M parameters).
+    """A randomly initialised tiny Qwen-VL ``*ForConditionalGeneration`` (~0.2 M parameters by default).
 
     Initialisation is reproducible: it runs under ``torch.random.fork_rng`` seeded with ``seed``,
     so the caller's global RNG state is untouched. The generation config gets the tokenizer's eos
@@ -453,6 +463,7 @@ def tiny_qwen_vl(
         seed: Seed of the weight initialisation.
         dtype: Parameter dtype (float32 or bfloat16 are tested).
         tie_word_embeddings: Share the input embedding and the output projection.
+        hidden_size: Text width, a positive multiple of 16.
         num_layers: Text decoder layers.
         vision_depth: Vision transformer blocks.
 
@@ -466,7 +477,12 @@ def tiny_qwen_vl(
     """
     tokenizer = tiny_tokenizer() if tokenizer is None else tokenizer
     config = tiny_qwen_vl_config(
-        family, tokenizer, num_layers=num_layers, vision_depth=vision_depth, tie_word_embeddings=tie_word_embeddings
+        family,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vision_depth=vision_depth,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
