@@ -67,7 +67,7 @@ def pgpo_weights(
     $$
 
     with min and max over the response's valid tokens and $\epsilon = 10^{-8}$
-    ([`PGPO_EPS`][vppo_core.pgpo.PGPO_EPS]). Tokens below the gate $\tau$ are damped towards 0,
+    (``PGPO_EPS``). Tokens below the gate $\tau$ are damped towards 0,
     tokens above it amplified up to $1 + \beta$, and the rescaling conserves the response's total
     weight: $\sum_t w_t = L_i$, so PGPO only redistributes advantage between a response's tokens.
     When $\sum_t \tilde w_t \le \epsilon$ (in practice: a response whose $\log(1+S)$ is constant,

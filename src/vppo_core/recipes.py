@@ -119,6 +119,23 @@ def vppo_rollout(
     VPPO-RL code defaults to 0.2). The official code normalises TAS over each device's mini-batch;
     pass ``process_group`` for the global batch instead.
 
+    Shapes:
+        - ``advantages``, ``group_ids``: ``[batch]``
+        - ``dependency``, ``response_mask``: ``[batch, seq]``
+
+    Args:
+        advantages: Per-trajectory advantages, e.g. from [`grpo_advantages`][vppo_core.grpo_advantages].
+        dependency: Token visual dependency of the rollout policy.
+        response_mask: Valid response tokens.
+        k: TGF fraction kept per trajectory.
+        beta_min: Smallest TAS factor.
+        beta_max: Largest TAS factor, or ``None`` for the mean-preserving rule.
+        group_ids: Normalise TAS within prompt groups instead of over the batch.
+        process_group: TAS statistics over the global batch of this process group.
+
+    Returns:
+        [`RolloutBatch`][vppo_core.recipes.RolloutBatch] of shaped ``[batch]`` advantages and the TGF mask.
+
     Example:
         >>> import torch
         >>> dep = torch.tensor([[0.1, 2.0, 0.3], [0.0, 0.1, 0.0]])
@@ -154,6 +171,20 @@ def pgpo_rollout(
     ([`pgpo_advantages`][vppo_core.pgpo_advantages]; PGPO, arXiv:2604.01840). Every weight depends
     on its own response only, so no batch statistic (and no ``process_group``) is involved.
 
+    Shapes:
+        - ``advantages``: ``[batch]``
+        - ``dependency``, ``response_mask``: ``[batch, seq]``
+
+    Args:
+        advantages: Per-trajectory advantages.
+        dependency: Token visual dependency $S_t \ge 0$.
+        response_mask: Valid response tokens.
+        tau: Gate $\tau \in (0, 1)$.
+        beta: Amplification $\beta \ge 0$.
+
+    Returns:
+        [`RolloutBatch`][vppo_core.recipes.RolloutBatch] of ``[batch, seq]`` token advantages and no mask.
+
     Example:
         >>> import torch
         >>> batch = pgpo_rollout(torch.tensor([1.0]), torch.tensor([[0.0, 0.2, 1.0, 3.0]]), torch.ones(1, 4))
@@ -181,6 +212,20 @@ def high_entropy_rollout(
     ``process_group``). The official code instead takes the exact top $\lceil\rho N\rceil$ of each
     micro-batch, on the entropies of the update's own forward pass: for that, call
     ``high_entropy_mask(entropy, mask, rho=0.2, exact_count=True)`` per micro-batch.
+
+    Shapes:
+        - ``advantages``: ``[batch]``
+        - ``entropy``, ``response_mask``: ``[batch, seq]``
+
+    Args:
+        advantages: Per-trajectory advantages (returned unchanged).
+        entropy: Per-token entropy of the rollout policy.
+        response_mask: Valid response tokens.
+        rho: Fraction of the batch's valid tokens kept.
+        process_group: Pool the threshold over the ranks of this process group.
+
+    Returns:
+        [`RolloutBatch`][vppo_core.recipes.RolloutBatch] of the advantages and the pooled high-entropy mask.
 
     Example:
         >>> import torch
@@ -217,6 +262,23 @@ def grpo(
     [`grpo_advantages`][vppo_core.grpo_advantages]. Pass ``kl_coef=0`` to drop the KL term (then no
     ``ref_logprobs`` are needed), as DAPO, VPPO and most later work do; for micro-batches pass the
     global ``num_sequences``. verl/EasyR1 default to a token mean instead of the per-sequence mean.
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``, ``ref_logprobs``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: GRPO advantages, ``[batch]`` or ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        ref_logprobs: Reference-policy log-probabilities for the KL term.
+        clip: Symmetric clip range $\epsilon$.
+        kl_coef: $\beta$ of the $k_3$ KL to the reference policy.
+        num_sequences: Global sequence count (ranks, gradient accumulation).
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
 
     Raises:
         ValueError: If ``kl_coef != 0`` and ``ref_logprobs`` is ``None``.
@@ -266,6 +328,22 @@ def dapo(
     through [`vppo_loss`][vppo_core.vppo_loss] for it. (VPPO's baselines add a 0.06 NLL term,
     ``entropy_coef=0.06``, without which DAPO collapsed in their runs.)
 
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: Advantages, ``[batch]`` or ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        clip_low: $\epsilon_{low}$.
+        clip_high: $\epsilon_{high}$ (clip-higher).
+        num_tokens: Global valid-token count (ranks, gradient accumulation).
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
+
     Example:
         >>> import torch
         >>> lp = torch.log(torch.tensor([[1.5, 0.5]]))
@@ -311,6 +389,25 @@ def vppo(
     baselines alike; the published runs use no KL. The paper writes a per-sequence mean
     ($1/|o_i|$); the code uses the token mean.
 
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``, ``token_mask``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: TAS-shaped advantages, ``[batch]`` or ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        token_mask: TGF mask of the tokens that carry gradient.
+        clip_low: $\epsilon_{low}$.
+        clip_high: $\epsilon_{high}$.
+        dual_clip: Dual-clip constant $c > 1$, or ``None``.
+        entropy_coef: Coefficient of the sampled-token NLL term.
+        num_tokens: Global valid-token count (``loss_denominators(...).num_tokens``).
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
+
     Example:
         >>> import torch
         >>> lp = torch.zeros(1, 4, requires_grad=True)
@@ -354,6 +451,22 @@ def pgpo(
     base objective is not verified here; the surrogate and aggregation are DAPO's, the usual base
     in this family. For GRPO as the base, call [`grpo`][vppo_core.recipes.grpo] with the same
     token advantages.
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``: ``[batch, seq]``
+        - ``advantages``: ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: PGPO token advantages, ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        clip_low: $\epsilon_{low}$.
+        clip_high: $\epsilon_{high}$.
+        num_tokens: Global valid-token count.
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
 
     Example:
         >>> import torch
@@ -412,8 +525,26 @@ def papo(
     with [`double_entropy_loss`][vppo_core.double_entropy_loss]). PAPO_G is the GRPO variant:
     $\gamma = 0.02$ (Qwen2.5-VL; 0.01 for Qwen3-VL-2B), a reference KL with $\beta = 0.01$,
     $\epsilon_{high} = 0.3$, and double entropy only for the 7B model ($\eta = 0.05$); compose it
-    from [`vppo_loss`][vppo_core.vppo_loss] and the two terms. The EasyR1 code base PAPO builds on
-    also applies a dual clip ($c = 3$) by default.
+    from [`vppo_loss`][vppo_core.vppo_loss] and the two terms. EasyR1, the code base PAPO (like
+    VPPO-RL) builds on, also applies a dual clip ($c = 3$) by default; pass ``dual_clip=3.0`` to
+    [`vppo_loss`][vppo_core.vppo_loss] in your own composition for it.
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``, ``masked_logprobs``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: Advantages, ``[batch]`` or ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        masked_logprobs: The sampled tokens' log-probabilities with the masked image.
+        gamma: $\gamma$ of the perception KL (maximised).
+        eta1: $\eta_1$, entropy penalty with the real image.
+        eta2: $\eta_2$, entropy penalty with the masked image.
+        clip_low: $\epsilon_{low}$.
+        clip_high: $\epsilon_{high}$.
+        num_tokens: Global valid-token count, passed to every term.
 
     Returns:
         [`PAPOOutput`][vppo_core.recipes.PAPOOutput]: the total loss and each part's outputs.
@@ -428,10 +559,13 @@ def papo(
         >>> bool(out.loss == out.policy.loss + out.perception.loss + out.entropy.loss)
         True
     """
-    counts = {"num_tokens": num_tokens}
-    policy = dapo(logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low, clip_high=clip_high, **counts)
-    perception = sampled_perception_loss(logprobs, masked_logprobs, response_mask, gamma=gamma, **counts)
-    entropy = double_entropy_loss(-logprobs, -masked_logprobs, response_mask, eta1=eta1, eta2=eta2, **counts)
+    policy = dapo(
+        logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens
+    )
+    perception = sampled_perception_loss(logprobs, masked_logprobs, response_mask, gamma=gamma, num_tokens=num_tokens)
+    entropy = double_entropy_loss(
+        -logprobs, -masked_logprobs, response_mask, eta1=eta1, eta2=eta2, num_tokens=num_tokens
+    )
     return PAPOOutput(policy.loss + perception.loss + entropy.loss, policy, perception, entropy)
 
 
@@ -457,6 +591,23 @@ def high_entropy(
     [`high_entropy_mask`][vppo_core.high_entropy_mask]). As in the official code, the loss is
     averaged over the **kept** tokens (VPPO divides by all valid tokens instead), so with
     micro-batches ``num_tokens`` is ``loss_denominators(masks, token_masks).num_kept_tokens``.
+
+    Shapes:
+        - ``logprobs``, ``old_logprobs``, ``response_mask``, ``token_mask``: ``[batch, seq]``
+        - ``advantages``: ``[batch]`` or ``[batch, seq]``
+
+    Args:
+        logprobs: Sampled tokens' log-probabilities under the current policy (with gradient).
+        old_logprobs: The same under the rollout policy.
+        advantages: Advantages, ``[batch]`` or ``[batch, seq]``.
+        response_mask: Valid response tokens.
+        token_mask: The high-entropy tokens that carry gradient.
+        clip_low: $\epsilon_{low}$.
+        clip_high: $\epsilon_{high}$.
+        num_tokens: Global **kept**-token count (``loss_denominators(...).num_kept_tokens``).
+
+    Returns:
+        [`LossOutput`][vppo_core.LossOutput].
 
     Example:
         >>> import torch
