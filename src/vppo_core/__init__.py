@@ -5,9 +5,11 @@ Trajectory-level Advantage Shaping (TAS) and Token-level Gradient Filtering (TGF
 surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
+from . import recipes
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .distributed import LossDenominators, loss_denominators
+from .entropy import high_entropy_mask, high_entropy_threshold, token_entropy, topk_entropy_mask
 from .loss import (
     AGGREGATIONS,
     LossOutput,
@@ -21,28 +23,42 @@ from .loss import (
     vppo_loss,
 )
 from .masking import num_kept_tokens, token_filter_mask, topk_token_mask
+from .papo import DoubleEntropyTerm, PerceptionTerm, double_entropy_loss, perception_loss, sampled_perception_loss
+from .pgpo import pgpo_advantages, pgpo_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATIONS",
+    "DoubleEntropyTerm",
     "LossDenominators",
     "LossOutput",
+    "PerceptionTerm",
     "__version__",
     "advantage_factors",
     "aggregate",
     "cispo_loss",
     "cispo_surrogate",
     "clipped_surrogate",
+    "double_entropy_loss",
     "grpo_advantages",
     "gspo_loss",
     "gspo_surrogate",
+    "high_entropy_mask",
+    "high_entropy_threshold",
     "kl_penalty",
     "loss_denominators",
     "num_kept_tokens",
+    "perception_loss",
+    "pgpo_advantages",
+    "pgpo_weights",
+    "recipes",
+    "sampled_perception_loss",
     "sampled_visual_dependency",
     "shape_advantages",
+    "token_entropy",
     "token_filter_mask",
+    "topk_entropy_mask",
     "topk_token_mask",
     "trajectory_dependency",
     "visual_dependency",
