@@ -1,0 +1,268 @@
+"""The demo's training loop: supervised warm start, then GRPO or VPPO with real sampled rollouts.
+
+Everything a real multimodal RL step does is here, at toy scale: the processor, ``generate`` with
+``G`` samples per prompt, a verifiable reward, old-policy log-probabilities, the perturbed-image
+forward pass, token visual dependency, GRPO advantages, TAS, TGF, the clipped surrogate and AdamW.
+"""
+
+import copy
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import vppo_core as V
+from vppo_core.integrations.transformers import rollout_inputs, token_dependency, token_logprobs
+from vppo_core.perturb import PixelLayout, blacken_patches_pixel_values
+
+from .task import Example, make_example, reward
+
+
+@dataclass
+class Config:
+    """Hyper-parameters of the demo (the command-line flags)."""
+
+    seed: int = 0
+    steps: int = 80
+    prompts: int = 16
+    group: int = 8
+    k: float = 0.4
+    beta_min: float = 0.9
+    lr: float = 5e-4
+    sft_steps: int = 250
+    sft_lr: float = 1e-3
+    sft_batch: int = 16
+    ppo_epochs: int = 2
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    eval_every: int = 10
+    eval_size: int = 128
+    image_size: int = 56
+    distractors: int = 1
+    hidden_size: int = 64
+    patch_size: int = 14
+    entropy_coef: float = 0.0
+    device: str = "cpu"
+
+
+@dataclass
+class StepLog:
+    """One RL step's measurements (plain floats, for the table, the JSON and the CSV)."""
+
+    step: int
+    reward: float
+    accuracy: float | None
+    kept_frac: float
+    dep_mean: float
+    dep_p50: float
+    dep_p90: float
+    dep_max: float
+    top20_share: float
+    factor_min: float
+    factor_max: float
+    clip_frac: float
+    response_len: float
+
+
+@dataclass
+class RunResult:
+    method: str
+    logs: list[StepLog] = field(default_factory=list)
+    final_accuracy: float = 0.0
+    dependency_samples: list[float] = field(default_factory=list)
+    example_tokens: list[str] = field(default_factory=list)
+    example_dependency: list[float] = field(default_factory=list)
+    example_kept: list[bool] = field(default_factory=list)
+
+
+class Session:
+    """The model, processor and data shared by the warm start and both RL runs."""
+
+    def __init__(self, cfg: Config) -> None:
+        from vppo_core.integrations.tiny_vlm import tiny_processor, tiny_qwen_vl
+
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.processor = tiny_processor("qwen2_vl", max_pixels=cfg.image_size * cfg.image_size)
+        self.tokenizer = self.processor.tokenizer
+        self.model = tiny_qwen_vl("qwen2_vl", self.tokenizer, seed=cfg.seed, hidden_size=cfg.hidden_size)
+        self.model.to(self.device)
+        self.layout = PixelLayout.from_processor(self.processor)
+        self.eos = self.tokenizer.eos_token_id
+        self.eval_set = self.examples(cfg.eval_size, seed=10_000 + cfg.seed)
+
+    def examples(self, n: int, seed: int) -> list[Example]:
+        rng = random.Random(seed)
+        return [make_example(rng, size=self.cfg.image_size, distractors=self.cfg.distractors) for _ in range(n)]
+
+    def prompt_text(self, ex: Example) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, examples: Sequence[Example], responses: Sequence[str] | None = None) -> dict[str, Tensor]:
+        texts = [self.prompt_text(ex) for ex in examples]
+        if responses is not None:
+            texts = [t + r + self.tokenizer.eos_token for t, r in zip(texts, responses)]
+        batch = self.processor(images=[ex.image for ex in examples], text=texts, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def generate(self, inputs: dict[str, Tensor], *, sample: bool) -> Tensor:
+        return self.model.generate(
+            **inputs,
+            do_sample=sample,
+            temperature=self.cfg.temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=self.cfg.max_new_tokens,
+        )
+
+    def decode(self, sequences: Tensor, width: int) -> list[str]:
+        return self.tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        self.model.eval()
+        hits = 0.0
+        for i in range(0, len(self.eval_set), 32):
+            chunk = self.eval_set[i : i + 32]
+            inputs = self.encode(chunk)
+            sequences = self.generate(inputs, sample=False)
+            texts = self.decode(sequences, inputs["input_ids"].shape[1])
+            hits += sum(reward(t, ex.answer) for t, ex in zip(texts, chunk))
+        return hits / len(self.eval_set)
+
+    def warm_start(self, progress: Callable[[int], Any] | None = None) -> list[float]:
+        """Supervised fine-tuning on the reference responses: teaches the answer format."""
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.sft_lr)
+        losses = []
+        self.model.train()
+        for step in range(cfg.sft_steps):
+            batch = self.examples(cfg.sft_batch, seed=1_000_000 + step)
+            prompts = self.encode(batch)
+            inputs = self.encode(batch, [ex.response for ex in batch])
+            mask = _response_mask(inputs["attention_mask"], prompts["attention_mask"].sum(-1))
+            lp = token_logprobs(self.model, inputs, mask)
+            loss = -(lp * mask).sum() / mask.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(1)
+        self.model.eval()
+        return losses
+
+
+def _response_mask(attention_mask: Tensor, prompt_lengths: Tensor) -> Tensor:
+    from vppo_core.integrations.transformers import response_mask_from_prompt_lengths
+
+    return response_mask_from_prompt_lengths(attention_mask, prompt_lengths)
+
+
+def _quantile(values: Tensor, q: float) -> float:
+    return float(torch.quantile(values.double(), q)) if values.numel() else math.nan
+
+
+def rl_run(
+    session: Session,
+    start_state: dict[str, Tensor],
+    method: str,
+    progress: Callable[[int], Any] | None = None,
+) -> RunResult:
+    """Train from ``start_state`` with ``method`` in {"grpo", "vppo"}; same seed, same prompts for both."""
+    cfg = session.cfg
+    model = session.model
+    model.load_state_dict(start_state)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    result = RunResult(method)
+    for step in range(1, cfg.steps + 1):
+        # --- rollouts: P prompts x G samples from the current (= old) policy
+        batch = session.examples(cfg.prompts, seed=2_000_000 + step)
+        repeated = [ex for ex in batch for _ in range(cfg.group)]
+        prompt_inputs = session.encode(repeated)
+        model.eval()
+        with torch.no_grad():
+            sequences = session.generate(prompt_inputs, sample=True)
+        width = prompt_inputs["input_ids"].shape[1]
+        texts = session.decode(sequences, width)
+        rewards = torch.tensor([reward(t, ex.answer) for t, ex in zip(texts, repeated)])
+        group_ids = torch.arange(len(repeated)) // cfg.group
+        inputs, mask = rollout_inputs(prompt_inputs, sequences, eos_token_id=session.eos)
+
+        # --- old policy: log-probs with the real image, and the dependency against a perturbed image
+        perturbed = blacken_patches_pixel_values(
+            inputs["pixel_values"].cpu(),
+            inputs["image_grid_thw"].cpu(),
+            session.layout,
+            generator=gen,
+            patch_size=cfg.patch_size,
+            p=0.5,
+        ).to(session.device)
+        with torch.no_grad():
+            scored = token_dependency(model, inputs, perturbed, mask, temperature=cfg.temperature)
+        old_lp, dep = scored.logprobs, scored.dependency
+
+        # --- advantages and token masks
+        adv = V.grpo_advantages(rewards.to(session.device), group_ids.to(session.device))
+        if method == "vppo":
+            adv = V.shape_advantages(adv, dep, mask, beta_min=cfg.beta_min)  # TAS
+            keep = V.token_filter_mask(dep, mask, k=cfg.k)  # TGF
+            factors = V.advantage_factors(dep, mask, beta_min=cfg.beta_min)  # for the log
+        else:
+            keep, factors = None, torch.ones(len(repeated))
+
+        # --- policy update: a few epochs over the batch
+        model.train()
+        for _ in range(cfg.ppo_epochs):
+            lp = token_logprobs(model, inputs, mask, temperature=cfg.temperature)
+            out = V.vppo_loss(lp, old_lp, adv, mask, keep, entropy_coef=cfg.entropy_coef)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        model.eval()
+
+        valid = dep[mask].detach().cpu()
+        top = valid.sort(descending=True).values
+        n_top = max(1, math.ceil(0.2 * top.numel())) if top.numel() else 0
+        acc = session.accuracy() if (step % cfg.eval_every == 0 or step == cfg.steps) else None
+        result.logs.append(
+            StepLog(
+                step=step,
+                reward=float(rewards.mean()),
+                accuracy=acc,
+                kept_frac=float(out.kept_frac),
+                dep_mean=float(valid.mean()) if valid.numel() else math.nan,
+                dep_p50=_quantile(valid, 0.5),
+                dep_p90=_quantile(valid, 0.9),
+                dep_max=float(valid.max()) if valid.numel() else math.nan,
+                top20_share=float(top[:n_top].sum() / top.sum()) if top.numel() and top.sum() > 0 else math.nan,
+                factor_min=float(factors.min()),
+                factor_max=float(factors.max()),
+                clip_frac=float(out.clip_frac),
+                response_len=float(mask.sum(-1).double().mean()),
+            )
+        )
+        result.dependency_samples.extend(valid.tolist())
+        if step == cfg.steps:  # one decoded response, for the per-token strip
+            b = int(torch.argmax(rewards)) if rewards.any() else 0
+            idx = mask[b].nonzero().squeeze(-1)
+            result.example_tokens = session.tokenizer.convert_ids_to_tokens(inputs["input_ids"][b, idx].tolist())
+            result.example_dependency = dep[b, idx].tolist()
+            kept = V.token_filter_mask(dep, mask, k=cfg.k)
+            result.example_kept = kept[b, idx].tolist()
+        if progress:
+            progress(1)
+    result.final_accuracy = result.logs[-1].accuracy or 0.0
+    return result
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
+    return copy.deepcopy(model.state_dict())
