@@ -27,8 +27,10 @@ Besides the package's axis names (``batch``, ``seq``, ``group``), shapes here us
 from ..advantages import trajectory_dependency
 from ._histogram import histogram_counts, histogram_edges
 from ._stats import GroupSpread, fraction_above, gini, group_spread, top_share, trajectory_quantiles
+from .accumulator import DependencyAccumulator
 
 __all__ = [
+    "DependencyAccumulator",
     "GroupSpread",
     "fraction_above",
     "gini",
