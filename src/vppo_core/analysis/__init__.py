@@ -28,6 +28,7 @@ from ..advantages import trajectory_dependency
 from ._histogram import histogram_counts, histogram_edges
 from ._stats import GroupSpread, fraction_above, gini, group_spread, top_share, trajectory_quantiles
 from .accumulator import DependencyAccumulator
+from .plots import plot_histogram, plot_token_distribution, plot_token_strip, plot_trajectory_distribution
 
 __all__ = [
     "DependencyAccumulator",
@@ -37,6 +38,10 @@ __all__ = [
     "group_spread",
     "histogram_counts",
     "histogram_edges",
+    "plot_histogram",
+    "plot_token_distribution",
+    "plot_token_strip",
+    "plot_trajectory_distribution",
     "top_share",
     "trajectory_dependency",
     "trajectory_quantiles",
