@@ -129,3 +129,22 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(plots)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_docs_page_examples_run(tmp_path, monkeypatch):
+    """docs/analysis.md's Python blocks run in order (the TensorBoard and W&B ones need those packages)."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "analysis.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 6
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        code = compile(block, str(page), "exec")  # every block at least compiles
+        if "tensorboard" not in block and "wandb" not in block:
+            exec(code, namespace)
+    for name in ("token_dependency.png", "trajectory_dependency.png", "strip.png", "dependency.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert namespace["stats"]["dependency/token/count"] > 0

@@ -219,8 +219,8 @@ def plot_token_distribution(
         >>> from vppo_core.analysis import plot_token_distribution
         >>> dep = torch.distributions.Exponential(torch.tensor(8.0)).sample((16, 64))
         >>> fig = plot_token_distribution(dep, torch.ones(16, 64, dtype=torch.bool))
-        >>> [ax.get_yscale() for ax in fig.axes]
-        ['linear', 'log']
+        >>> fig.axes[0].get_yscale(), fig.axes[1].get_yscale()
+        ('linear', 'log')
     """
     check_choice("yscale", yscale, ("linear", "log", "both"))
     check_choice("xscale", xscale, ("linear", "log"))
