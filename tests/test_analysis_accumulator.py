@@ -178,6 +178,18 @@ def test_one_batch_many_batches_and_merged_agree():
     assert_same_summary(parts[0].reduced(None).merge(parts[1]).summary(), whole)
 
 
+def test_update_traces_without_graph_breaks():
+    """fullgraph tracing fails on .item(), .tolist() and data-dependent shapes: a proxy for 'no host sync'."""
+    dep, mask, groups = global_batch()
+    acc, ref = make(), make()
+    for a in (acc, ref):
+        a.update(dep[:4], mask[:4], groups[:4])
+    torch._dynamo.reset()
+    torch.compile(acc.update, backend="eager", fullgraph=True)(dep[4:], mask[4:], groups[4:])
+    ref.update(dep[4:], mask[4:], groups[4:])
+    assert_same_summary(acc.summary(), ref.summary())
+
+
 def test_update_is_pure_and_reset_forgets():
     dep, mask, groups = global_batch()
     acc = make()

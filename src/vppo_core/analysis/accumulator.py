@@ -106,8 +106,8 @@ class DependencyAccumulator:
         (0.1429, 0.7292)
     """
 
-    token_edges: Tensor = field(default_factory=_default_token_edges)
-    trajectory_edges: Tensor = field(default_factory=_default_trajectory_edges)
+    token_edges: Tensor = field(default_factory=_default_token_edges, repr=False)
+    trajectory_edges: Tensor = field(default_factory=_default_trajectory_edges, repr=False)
     quantiles: Sequence[float] = (0.5, 0.9, 0.99)
     top_fractions: Sequence[float] = (0.1, 0.2, 0.4)
     thresholds: Sequence[float] = (0.01, 0.1, 1.0)
