@@ -2,7 +2,6 @@
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,7 @@ COLUMNS = (
     ("dep_p50", "dep p50", "{:>8.4f}"),
     ("dep_p90", "dep p90", "{:>8.4f}"),
     ("dep_max", "dep max", "{:>7.3f}"),
-    ("top20_share", "top20%", "{:>6.2f}"),
+    ("top20_share", "top-20% share", "{:>13.2f}"),
     ("factor_min", "TAS min", "{:>7.3f}"),
     ("factor_max", "TAS max", "{:>7.3f}"),
 )
@@ -52,6 +51,7 @@ def write_logs(out: Path, cfg: Config, start_accuracy: float, sft_losses: Sequen
         "runs": {
             r.method: {
                 "final_accuracy": r.final_accuracy,
+                "dependency": r.dependency.summary(),
                 "steps": [asdict(log) for log in r.logs],
                 "example": {"tokens": r.example_tokens, "dependency": r.example_dependency, "kept": r.example_kept},
             }
@@ -94,18 +94,26 @@ def plot(out: Path, start_accuracy: float, runs: Sequence[RunResult]) -> Path:
         ax.legend()
 
     vppo = next((r for r in runs if r.method == "vppo"), runs[-1])
-    samples = [s for s in vppo.dependency_samples if math.isfinite(s) and s > 0]
-    if samples:
-        lo, hi = max(min(samples), 1e-8), max(samples)
-        bins = [lo * (hi / lo) ** (i / 40) for i in range(41)] if hi > lo else 10
-        ax_hist.hist(samples, bins=bins, color="tab:orange")
-        ax_hist.set_xscale("log")
+    edges, counts = vppo.dependency.token_histogram
+    edges, counts = edges.tolist(), counts.tolist()
+    n = sum(counts)
+    ax_hist.stairs(counts[1:-1], edges, fill=True, color="tab:orange")
+    ax_hist.set_xscale("log")
     ax_hist.set_yscale("log")
     ax_hist.set(
-        title=f"token visual dependency, all {vppo.method.upper()} rollouts (n={len(samples)})",
+        title=f"token visual dependency, all {vppo.method.upper()} rollouts (n={n})",
         xlabel="KL(π(·|I) || π(·|I')) per token",
         ylabel="tokens",
     )
+    if counts[0] or counts[-1]:
+        ax_hist.text(
+            0.02,
+            0.95,
+            f"below {edges[0]:g}: {counts[0]}, above {edges[-1]:g}: {counts[-1]}",
+            transform=ax_hist.transAxes,
+            va="top",
+            fontsize=8,
+        )
 
     tokens, dep, kept = vppo.example_tokens, vppo.example_dependency, vppo.example_kept
     if tokens:
@@ -117,4 +125,14 @@ def plot(out: Path, start_accuracy: float, runs: Sequence[RunResult]) -> Path:
     path = out / "vppo_demo.png"
     fig.savefig(path)
     plt.close(fig)
+    if tokens:
+        from vppo_core.analysis import plot_token_strip
+
+        plot_token_strip(
+            tokens,
+            dep,
+            kept,
+            title=f"{vppo.method.upper()}: one response, kept tokens boxed",
+            path=out / "token_strip.png",
+        )
     return path

@@ -6,7 +6,6 @@ forward pass, token visual dependency, GRPO advantages, TAS, TGF, the clipped su
 """
 
 import copy
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 import vppo_core as V
+from vppo_core.analysis import DependencyAccumulator
 from vppo_core.integrations.transformers import rollout_inputs, token_dependency, token_logprobs
 from vppo_core.perturb import PixelLayout, blacken_patches_pixel_values
 
@@ -68,12 +68,16 @@ class StepLog:
     response_len: float
 
 
+def _accumulator() -> DependencyAccumulator:
+    return DependencyAccumulator(quantiles=(0.5, 0.9), top_fractions=(0.2, 0.4), thresholds=(0.01, 0.1, 1.0))
+
+
 @dataclass
 class RunResult:
     method: str
     logs: list[StepLog] = field(default_factory=list)
     final_accuracy: float = 0.0
-    dependency_samples: list[float] = field(default_factory=list)
+    dependency: DependencyAccumulator = field(default_factory=_accumulator)
     example_tokens: list[str] = field(default_factory=list)
     example_dependency: list[float] = field(default_factory=list)
     example_kept: list[bool] = field(default_factory=list)
@@ -164,10 +168,6 @@ def _response_mask(attention_mask: Tensor, prompt_lengths: Tensor) -> Tensor:
     return response_mask_from_prompt_lengths(attention_mask, prompt_lengths)
 
 
-def _quantile(values: Tensor, q: float) -> float:
-    return float(torch.quantile(values.double(), q)) if values.numel() else math.nan
-
-
 def rl_run(
     session: Session,
     start_state: dict[str, Tensor],
@@ -229,9 +229,11 @@ def rl_run(
             opt.step()
         model.eval()
 
-        valid = dep[mask].detach().cpu()
-        top = valid.sort(descending=True).values
-        n_top = max(1, math.ceil(0.2 * top.numel())) if top.numel() else 0
+        # --- measurements (the analysis module: per step, and streamed over the run)
+        step_stats = _accumulator()
+        step_stats.update(dep, mask, group_ids=group_ids.to(session.device))
+        result.dependency.merge(step_stats)
+        st = step_stats.summary(prefix="")
         acc = session.accuracy() if (step % cfg.eval_every == 0 or step == cfg.steps) else None
         result.logs.append(
             StepLog(
@@ -239,18 +241,17 @@ def rl_run(
                 reward=float(rewards.mean()),
                 accuracy=acc,
                 kept_frac=float(out.kept_frac),
-                dep_mean=float(valid.mean()) if valid.numel() else math.nan,
-                dep_p50=_quantile(valid, 0.5),
-                dep_p90=_quantile(valid, 0.9),
-                dep_max=float(valid.max()) if valid.numel() else math.nan,
-                top20_share=float(top[:n_top].sum() / top.sum()) if top.numel() and top.sum() > 0 else math.nan,
+                dep_mean=st["token/mean"],
+                dep_p50=st["token/p50"],
+                dep_p90=st["token/p90"],
+                dep_max=st["token/max"],
+                top20_share=st["trajectory/top20_share"],
                 factor_min=float(factors.min()),
                 factor_max=float(factors.max()),
                 clip_frac=float(out.clip_frac),
-                response_len=float(mask.sum(-1).double().mean()),
+                response_len=st["trajectory/length_mean"],
             )
         )
-        result.dependency_samples.extend(valid.tolist())
         if step == cfg.steps:  # one decoded response, for the per-token strip
             b = int(torch.argmax(rewards)) if rewards.any() else 0
             idx = mask[b].nonzero().squeeze(-1)
