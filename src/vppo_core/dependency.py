@@ -27,23 +27,37 @@ def visual_dependency(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
+    divergence: Literal["kl", "reverse_kl", "jsd"] = "kl",
+    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Exact token visual dependency: the KL between the policy with the real and the perturbed image.
 
     For each position, with $x = \text{logits\_img}/T$ and $y = \text{logits\_noimg}/T$ over the
-    full vocabulary,
+    full vocabulary, $p = \mathrm{softmax}(x)$ and $q = \mathrm{softmax}(y)$,
 
     $$
-    S_t = \mathrm{KL}\big(\mathrm{softmax}(x)\,\|\,\mathrm{softmax}(y)\big)
+    S_t = \mathrm{KL}(p\,\|\,q)
         = \sum_j p_j (x_j - y_j) - \big(\operatorname{lse}(x) - \operatorname{lse}(y)\big),
     $$
 
-    computed in float32 (float64 for float64 inputs) in the log-sum-exp form above, row chunk by row
-    chunk, so no float32 copy of the whole ``[batch, seq, vocab]`` input is ever made. This is
-    Eq. 3 of VPPO (Huang et al., 2025, "Spotlight on Token Perception for Multimodal Reinforcement
-    Learning", arXiv:2510.09285). The function is differentiable in both inputs
+    computed in float32 (float64 for float64 inputs) in the log-sum-exp form above, without a
+    float32 copy of the ``[batch, seq, vocab]`` input. This is Eq. 3 of VPPO (Huang et al., 2025,
+    "Spotlight on Token Perception for Multimodal Reinforcement Learning", arXiv:2510.09285). The
+    function is differentiable in both inputs
     ($\partial S/\partial x_j = p_j((x_j - y_j) - \sum_i p_i(x_i - y_i))/T$,
     $\partial S/\partial y_j = (q_j - p_j)/T$), so it also serves as a PAPO-style perception loss.
+
+    ``divergence="reverse_kl"`` computes $\mathrm{KL}(q\,\|\,p)$ and ``divergence="jsd"`` the
+    Jensen-Shannon divergence $\tfrac12\mathrm{KL}(p\,\|\,m) + \tfrac12\mathrm{KL}(q\,\|\,m)$,
+    $m = (p + q)/2$ (the alternatives of VPPO's Table 13), through the same kernels.
+
+    Backends (see ``docs/kernels.md``): ``"torch"`` is chunked eager PyTorch; ``"compile"`` a
+    ``torch.compile``\ d kernel that reads each input once (CPU and GPU); ``"triton"`` a fused
+    single-pass GPU kernel (a ``torch.library`` custom op, so it also runs inside your
+    ``torch.compile``\ d step). ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for inputs of
+    at least ``2**20`` logits, and ``"torch"`` for float64 and smaller inputs (where a compile would
+    cost seconds to save microseconds) or where ``torch.compile`` is unavailable. All backends give
+    the same values up to float32 rounding.
 
     Special values: a vocabulary entry that is ``-inf`` in ``logits_img`` contributes nothing (it has
     zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
@@ -62,13 +76,17 @@ def visual_dependency(
         logits_noimg: Next-token logits given the perturbed (or removed) image, same shape and dtype.
         response_mask: Positions that count; ``None`` counts every position.
         temperature: Sampling temperature $T > 0$ the logits are divided by (never in place).
+        divergence: ``"kl"`` (default, the paper's), ``"reverse_kl"`` or ``"jsd"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
 
     Returns:
-        The per-token KL, float32 (float64 for float64 inputs), ``>= 0``.
+        The per-token divergence, float32 (float64 for float64 inputs on the ``"torch"`` and
+        ``"compile"`` backends), ``>= 0``.
 
     Raises:
         ValueError: If the inputs have different dtypes or devices, fewer than 2 or more than 3
-            dimensions, or ``temperature <= 0``.
+            dimensions, ``temperature <= 0``, an unknown ``divergence`` or ``backend``, or a backend
+            that cannot run here (``"triton"`` without CUDA, or for float64).
         TypeError: If a shape or dtype does not match the annotation (jaxtyping).
 
     Example:
@@ -80,8 +98,13 @@ def visual_dependency(
         >>> dep = visual_dependency(x, x + torch.randn(2, 5, 11))
         >>> dep.shape, bool((dep >= 0).all())
         (torch.Size([2, 5]), True)
+        >>> jsd = visual_dependency(x, x + 1e3 * torch.eye(11)[:5], divergence="jsd", backend="torch")
+        >>> bool((jsd <= torch.log(torch.tensor(2.0)) + 1e-6).all())  # JSD is at most log 2
+        True
     """
     check_positive("temperature", temperature)
+    check_choice("divergence", divergence, kernels.DIVERGENCES)
+    check_choice("backend", backend, kernels.BACKENDS)
     if not 2 <= logits_img.ndim <= 3:
         raise ValueError(
             "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
@@ -95,10 +118,11 @@ def visual_dependency(
     x, y = logits_img, logits_noimg
     if x.ndim == 2:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
-    kl = kernels.kl_rows(x, y, float(temperature)).reshape(logits_img.shape[:-1])
+    dep = kernels.divergence(x, y, float(temperature), divergence=divergence, backend=backend)
+    dep = dep.reshape(logits_img.shape[:-1])
     if response_mask is None:
-        return kl
-    return torch.where(as_bool_mask(response_mask), kl, 0.0)
+        return dep
+    return torch.where(as_bool_mask(response_mask), dep, 0.0)
 
 
 @typechecked
@@ -170,14 +194,27 @@ def visual_dependency_from_hidden(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    divergence: Literal["kl", "reverse_kl", "jsd"] = "kl",
+    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    chunk_size: int = 1024,
+    vocab_chunk_size: int = 16384,
 ) -> Float[Tensor, "*batch"]:
     r"""Token visual dependency from final hidden states, without materialising ``[tokens, vocab]`` logits.
 
-    Computes ``visual_dependency(hidden_img @ W.T, hidden_noimg @ W.T, response_mask)`` with the
-    logits of at most ``chunk_size`` tokens alive at a time, so a user can run the two VLM forward
-    passes to hidden states only. Values and NaN/mask semantics are those of
-    :func:`visual_dependency`.
+    Computes ``visual_dependency(hidden_img @ W.T, hidden_noimg @ W.T, response_mask)`` tile by tile:
+    the logits of at most ``chunk_size`` tokens and ``vocab_chunk_size`` vocabulary entries are
+    alive at a time (two GEMMs per tile, in the inputs' dtype), and the tiles' row statistics are
+    merged with the log-sum-exp rule
+
+    $$
+    \operatorname{lse} = \log\big(e^{\operatorname{lse}_1} + e^{\operatorname{lse}_2}\big), \qquad
+    \textstyle\sum_j p_j (x_j - y_j) = \sum_k e^{\operatorname{lse}_k - \operatorname{lse}}\, a_k ,
+    $$
+
+    so a user can run the two VLM forward passes to hidden states only. The result is
+    differentiable w.r.t. both hidden states and the weight; the backward recomputes each tile and
+    never holds more than ``2 x tokens x vocab_chunk_size`` logit gradients. Values, ``divergence``,
+    ``backend`` and NaN/mask semantics are those of :func:`visual_dependency`.
 
     Shapes:
         - ``hidden_img``, ``hidden_noimg``: ``[batch, seq, hidden]`` or ``[tokens, hidden]``
@@ -191,36 +228,52 @@ def visual_dependency_from_hidden(
         lm_head_weight: The output projection's weight (``model.lm_head.weight``).
         response_mask: Positions that count.
         temperature: Sampling temperature $T > 0$.
-        chunk_size: Tokens per chunk.
+        divergence: ``"kl"`` (default), ``"reverse_kl"`` or ``"jsd"`` (which sweeps the tiles twice).
+        backend: Row kernel for each tile: ``"auto"``, ``"triton"``, ``"compile"`` or ``"torch"``.
+        chunk_size: Tokens per tile.
+        vocab_chunk_size: Vocabulary entries per tile.
 
     Returns:
-        Per-token KL, float32 (float64 for float64 inputs).
+        Per-token divergence, float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: If the dtypes or devices differ, a chunk size is below 1, or an argument of
+            :func:`visual_dependency` is invalid.
 
     Example:
         >>> import torch
         >>> h, w = torch.randn(2, 3, 8), torch.randn(50, 8)
         >>> ref = visual_dependency(h @ w.T, (h + 0.1) @ w.T)
-        >>> torch.allclose(visual_dependency_from_hidden(h, h + 0.1, w), ref, atol=1e-6)
+        >>> torch.allclose(visual_dependency_from_hidden(h, h + 0.1, w, vocab_chunk_size=16), ref, atol=1e-6)
         True
     """
     check_positive("temperature", temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    check_choice("divergence", divergence, kernels.DIVERGENCES)
+    check_choice("backend", backend, kernels.BACKENDS)
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
     if hidden_img.dtype != hidden_noimg.dtype or hidden_img.dtype != lm_head_weight.dtype:
         raise ValueError(
             "hidden_img, hidden_noimg and lm_head_weight must share a dtype, got "
             f"{hidden_img.dtype}, {hidden_noimg.dtype} and {lm_head_weight.dtype}"
         )
-    check_same_device(hidden_img=hidden_img, hidden_noimg=hidden_noimg, lm_head_weight=lm_head_weight)
+    check_same_device(
+        hidden_img=hidden_img, hidden_noimg=hidden_noimg, lm_head_weight=lm_head_weight, response_mask=response_mask
+    )
     hx = hidden_img.reshape(-1, hidden_img.shape[-1])
     hy = hidden_noimg.reshape(-1, hidden_noimg.shape[-1])
-    parts = []
-    for start in range(0, hx.shape[0], chunk_size):
-        x = hx[start : start + chunk_size] @ lm_head_weight.T
-        y = hy[start : start + chunk_size] @ lm_head_weight.T
-        parts.append(kernels.kl_rows(x.unsqueeze(0), y.unsqueeze(0), float(temperature)).squeeze(0))
-    kl = torch.cat(parts) if parts else hx.new_zeros(0, dtype=result_dtype(hx))
-    kl = kl.reshape(hidden_img.shape[:-1])
+    dep = kernels.divergence_from_hidden(
+        hx,
+        hy,
+        lm_head_weight,
+        float(temperature),
+        divergence=divergence,
+        backend=backend,
+        token_chunk=chunk_size,
+        vocab_chunk=vocab_chunk_size,
+    )
+    dep = dep.reshape(hidden_img.shape[:-1])
     if response_mask is None:
-        return kl
-    return torch.where(as_bool_mask(response_mask), kl, 0.0)
+        return dep
+    return torch.where(as_bool_mask(response_mask), dep, 0.0)

@@ -1,18 +1,161 @@
 """Row-wise divergence kernels behind :func:`vppo_core.visual_dependency`.
 
-Three layers (as in Liger-Kernel): the kernels of a backend (``_torch``), the autograd Functions
-that save tensors and delegate (``_autograd``), and the public, checked function in
-:mod:`vppo_core.dependency`, which dispatches here on ``backend``.
+Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
+eager; ``_compile``: ``torch.compile``; ``_triton``: Triton GPU kernels as ``torch.library`` custom
+ops), the autograd layer that saves tensors and delegates (``_autograd``), and the public, checked
+functions in :mod:`vppo_core.dependency`, which call :func:`divergence` and
+:func:`divergence_from_hidden` here. ``_hidden`` drives any backend over tiles of logits computed
+from hidden states.
+
+Backend choice (``backend="auto"``):
+
+- CUDA tensors and Triton importable: ``"triton"`` (float64 goes to ``"torch"``);
+- inside a caller's ``torch.compile``: ``"compile"`` (its plain-torch core is traced into the graph);
+- float64, or fewer than :data:`AUTO_COMPILE_MIN_ELEMENTS` logits per input: ``"torch"`` (float64 is
+  for oracles and gradcheck; for small inputs a compile costs seconds and saves microseconds);
+- otherwise ``"compile"`` when ``torch.compile`` works here, else ``"torch"``. If compiling fails at
+  run time, the process warns once and uses ``"torch"`` from then on.
 """
 
+import importlib.util
+import os
+import warnings
+from typing import Literal
+
+import torch
 from torch import Tensor
 
-from ._autograd import TorchKL
+from . import _autograd, _compile, _hidden, _torch
+
+Backend = Literal["auto", "triton", "compile", "torch"]
+Divergence = Literal["kl", "reverse_kl", "jsd"]
+BACKENDS = ("auto", "triton", "compile", "torch")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+#: Below this many logits per input, ``backend="auto"`` uses the eager ``"torch"`` path.
+AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
 
 
-def kl_rows(x: Tensor, y: Tensor, temperature: float) -> Tensor:
-    """Per-row KL(softmax(x/T) || softmax(y/T)) of ``[batch, seq, vocab]`` logits, differentiable."""
-    return TorchKL.apply(x, y, temperature)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["kl_rows"]
+def triton_importable() -> bool:
+    return _HAS_TRITON
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu")
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The backend that runs for ``backend`` on logits like ``x``; raises if an explicit one cannot run."""
+    return _resolve(backend, x.device, x.dtype, x.numel())
+
+
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int) -> str:
+    if backend == "auto":
+        if device.type == "cuda" and dtype != torch.float64 and triton_importable():
+            return "triton"
+        if torch.compiler.is_compiling():
+            return "compile"
+        if dtype == torch.float64 or numel < AUTO_COMPILE_MIN_ELEMENTS:
+            return "torch"
+        return "compile" if _compile.usable() else "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package (pip install 'vppo_core[triton]')")
+        if not _triton_runs_on(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
+                f"got a tensor on {device}; use backend='compile' or 'torch' on this device"
+            )
+        if dtype == torch.float64:
+            raise ValueError("backend='triton' computes in float32; use backend='torch' for float64 inputs")
+        return "triton"
+    if backend == "compile" and not torch.compiler.is_compiling() and not _compile.available():
+        raise ValueError("backend='compile' needs a working torch.compile (Dynamo and a C++ compiler for CPU)")
+    return backend
+
+
+def _warn_fallback(err: Exception) -> None:
+    _compile.mark_broken()
+    warnings.warn(
+        f"vppo_core: torch.compile failed ({type(err).__name__}: {err}); backend='auto' uses the eager "
+        "'torch' backend for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def divergence(x: Tensor, y: Tensor, temperature: float, *, divergence: str = "kl", backend: str = "auto") -> Tensor:
+    """Per-row divergence of ``[batch, seq, vocab]`` logits -> ``[batch, seq]``, differentiable.
+
+    ``divergence``: ``"kl"`` = KL(softmax(x/T) || softmax(y/T)), ``"reverse_kl"`` = KL(q || p),
+    ``"jsd"`` = Jensen-Shannon. float32 result (float64 for float64 inputs on the torch backend).
+    """
+    if divergence == "reverse_kl":
+        x, y, divergence = y, x, "kl"
+    name = resolve_backend(backend, x)
+    if name == "triton":
+        return _autograd.triton_divergence(x, y, temperature, divergence)
+    if name == "compile":
+        if backend != "auto" or torch.compiler.is_compiling():
+            return _autograd.CompiledDivergence.apply(x, y, temperature, divergence)
+        try:
+            return _autograd.CompiledDivergence.apply(x, y, temperature, divergence)
+        except Exception as err:  # a compiler that is missing or broken at run time
+            _warn_fallback(err)
+    return _autograd.TorchDivergence.apply(x, y, temperature, divergence)
+
+
+def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.PartialFn]:
+    if name == "triton":
+        ops = _autograd.triton_ops()
+
+        def fwd(x: Tensor, y: Tensor, temperature: float, div: str) -> tuple[Tensor, Tensor]:
+            return ops.divergence_fwd(x, y, 1.0 / temperature, ops.div_code(div))
+
+        def bwd(g: Tensor, x: Tensor, y: Tensor, s: Tensor, temperature: float, div: str) -> tuple[Tensor, Tensor]:
+            return ops.divergence_bwd(x, y, s, g, 1.0 / temperature, ops.div_code(div))
+
+        return fwd, bwd, _compile.jsd_partial if _compile.usable() else _torch.jsd_partial_chunked
+    if name == "compile":
+        return _compile.forward, _compile.backward, _compile.jsd_partial
+    return _torch.forward, _torch.backward, _torch.jsd_partial_chunked
+
+
+def divergence_from_hidden(
+    hx: Tensor,
+    hy: Tensor,
+    weight: Tensor,
+    temperature: float,
+    *,
+    divergence: str = "kl",
+    backend: str = "auto",
+    token_chunk: int = 1024,
+    vocab_chunk: int = 16384,
+) -> Tensor:
+    """Per-token divergence of the logits ``hx @ weight.T`` and ``hy @ weight.T`` (``[tokens, hidden]``
+    inputs), never materialising them; differentiable w.r.t. both hidden states and the weight."""
+    if divergence == "reverse_kl":
+        hx, hy, divergence = hy, hx, "kl"
+    tile_numel = min(token_chunk, hx.shape[0]) * min(vocab_chunk, weight.shape[0])
+    name = _resolve(backend, hx.device, hx.dtype, tile_numel)
+    fwd, bwd, part = _row_ops(name)
+    return _autograd.HiddenDivergence.apply(
+        hx, hy, weight, temperature, divergence, (fwd, bwd, part), token_chunk, vocab_chunk
+    )
+
+
+if _HAS_TRITON and (os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()):
+    # Import (and register the custom ops) now, outside any caller's torch.compile trace.
+    _autograd.triton_ops()
+
+__all__ = [
+    "AUTO_COMPILE_MIN_ELEMENTS",
+    "BACKENDS",
+    "DIVERGENCES",
+    "divergence",
+    "divergence_from_hidden",
+    "resolve_backend",
+]

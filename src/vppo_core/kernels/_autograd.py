@@ -1,28 +1,134 @@
-"""``torch.autograd.Function`` wrappers: they save the inputs and delegate to a backend's kernels."""
+"""Autograd layer: Functions that save tensors and delegate to a backend's forward and backward.
+
+Each Function saves the two inputs (references, not copies) and the backend's ``[batch, seq, 4]``
+float32 row statistics, so the backward reads every input element once and recomputes no reduction.
+The Triton backend is a ``torch.library.custom_op`` (opaque to ``torch.compile``); its autograd
+formula is registered here with ``torch.library.register_autograd``, the same save-and-delegate shape.
+"""
+
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _torch
+from . import _compile, _hidden, _torch
 
 
-class TorchKL(torch.autograd.Function):
-    """Row-wise KL with the chunked eager kernels; the backward recomputes chunk by chunk."""
+class TorchDivergence(torch.autograd.Function):
+    """Row-wise divergence with the chunked eager kernels (the fallback, and float64 for gradcheck)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, y: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, y)
-        ctx.temperature = temperature
-        return _torch.kl_forward(x, y, temperature)
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float, divergence: str) -> Tensor:
+        value, stats = _torch.forward(x, y, temperature, divergence)
+        ctx.save_for_backward(x, y, stats)
+        ctx.temperature, ctx.divergence = temperature, divergence
+        return value
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        x, y = ctx.saved_tensors
-        grad_x, grad_y = _torch.kl_backward(grad, x, y, ctx.temperature)
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_y if ctx.needs_input_grad[1] else None,
-            None,
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, y, stats = ctx.saved_tensors
+        gx, gy = _torch.backward(grad, x, y, stats, ctx.temperature, ctx.divergence)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
+
+
+class CompiledDivergence(torch.autograd.Function):
+    """Row-wise divergence with the ``torch.compile`` kernels (traced into a caller's compiled graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float, divergence: str) -> Tensor:
+        value, stats = _compile.forward(x, y, temperature, divergence)
+        ctx.save_for_backward(x, y, stats)
+        ctx.temperature, ctx.divergence = temperature, divergence
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, y, stats = ctx.saved_tensors
+        gx, gy = _compile.backward(grad, x, y, stats, ctx.temperature, ctx.divergence)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
+
+
+def _triton_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, y, inv_t, divergence = inputs
+    ctx.save_for_backward(x, y, output[1])
+    ctx.inv_t, ctx.divergence = inv_t, divergence
+    ctx.mark_non_differentiable(output[1])
+
+
+def _triton_backward(ctx: Any, grad: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    x, y, stats = ctx.saved_tensors
+    gx, gy = triton_ops().divergence_bwd(x, y, stats, grad, ctx.inv_t, ctx.divergence)
+    return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
+
+
+_TRITON: list[ModuleType] = []
+
+
+def triton_ops() -> ModuleType:
+    """Import the Triton module (only when asked for: importing it reads ``TRITON_INTERPRET``) and
+    register the autograd formula of its forward op, once per process.
+
+    :mod:`vppo_core.kernels` calls this at import on machines where Triton can run, so that a
+    caller's ``torch.compile`` never has to trace the import.
+    """
+    if not _TRITON:
+        from . import _triton
+
+        torch.library.register_autograd(
+            "vppo_core::divergence_fwd", _triton_backward, setup_context=_triton_setup_context
         )
+        _TRITON.append(_triton)
+    return _TRITON[0]
+
+
+def triton_divergence(x: Tensor, y: Tensor, temperature: float, divergence: str) -> Tensor:
+    ops = triton_ops()
+    value, _ = ops.divergence_fwd(x, y, 1.0 / temperature, ops.div_code(divergence))
+    return value
+
+
+class HiddenDivergence(torch.autograd.Function):
+    """Logit-free divergence from hidden states; saves the hidden states, the weight and the row stats."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hx: Tensor,
+        hy: Tensor,
+        weight: Tensor,
+        temperature: float,
+        divergence: str,
+        ops: tuple[Any, Any, Any],
+        token_chunk: int,
+        vocab_chunk: int,
+    ) -> Tensor:
+        row_forward, row_backward, jsd_partial = ops
+        value, stats = _hidden.forward(
+            hx, hy, weight, temperature, divergence, row_forward, jsd_partial, token_chunk, vocab_chunk
+        )
+        ctx.save_for_backward(hx, hy, weight, stats)
+        ctx.args = (temperature, divergence, row_backward, token_chunk, vocab_chunk)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hx, hy, weight, stats = ctx.saved_tensors
+        temperature, divergence, row_backward, token_chunk, vocab_chunk = ctx.args
+        dhx, dhy, dw = _hidden.backward(
+            grad,
+            hx,
+            hy,
+            weight,
+            stats,
+            temperature,
+            divergence,
+            row_backward,
+            token_chunk,
+            vocab_chunk,
+            tuple(ctx.needs_input_grad[:3]),
+        )
+        return dhx, dhy, dw, None, None, None, None, None

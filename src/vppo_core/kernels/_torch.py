@@ -1,18 +1,26 @@
-"""Chunked eager PyTorch KL over the vocabulary: the CPU fallback and the oracle's neighbour.
+"""Chunked eager PyTorch divergences over the vocabulary: the CPU fallback and the oracle's neighbour.
 
 Inputs are ``[batch, seq, vocab]`` (any strides). Rows are processed ``chunk_rows`` at a time, so the
 float32 temporaries (the upcast logits, ``p``, ``x - y``) exist for one chunk only and never for the
 whole input; nothing is copied when a slice such as ``logits[:, -R - 1 : -1]`` is passed.
 
-For one row, with ``x = logits_img / T`` and ``y = logits_noimg / T``::
+Every backend returns the value per row and four float32 statistics per row that the backward needs
+(so it reads the inputs once more and never recomputes a reduction)::
 
-    KL(p || q) = sum_j p_j (x_j - y_j) - (lse(x) - lse(y))
-    dKL/dx_j   = p_j ((x_j - y_j) - sum_i p_i (x_i - y_i)) / T
-    dKL/dy_j   = (q_j - p_j) / T
+    stats = (lse_x, lse_y, a_x, a_y)      with x = logits_img / T, y = logits_noimg / T
+    kl:   a_x = sum_j p_j (x_j - y_j),                         KL  = a_x - (lse_x - lse_y)
+    jsd:  a_x = sum_j p_j log(p_j / m_j), a_y = the same for q, JSD = (a_x + a_y) / 2,  m = (p + q) / 2
 
-Entries with ``p_j = 0`` (``x_j = -inf``) contribute nothing, even where ``y_j = -inf`` too.
+Gradients (``g`` the upstream gradient of the row)::
+
+    kl:   dx_j = g p_j ((x_j - y_j) - a_x) / T          dy_j = g (q_j - p_j) / T
+    jsd:  dx_j = g p_j (log(p_j / m_j) - a_x) / (2T)    dy_j = g q_j (log(q_j / m_j) - a_y) / (2T)
+
+Entries with ``p_j = 0`` (``x_j = -inf``) contribute nothing, even where ``y_j = -inf`` too. Rows whose
+upstream gradient is exactly zero (masked rows) get exactly zero gradient, whatever they hold.
 """
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +28,8 @@ from torch import Tensor
 
 # Float32 bytes of one upcast chunk buffer; ~6 such buffers are live at once.
 CHUNK_BYTES = 32 * 2**20
+
+DIVERGENCES = ("kl", "jsd")  # reverse_kl is kl with the arguments swapped (done by the caller)
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -45,57 +55,124 @@ def _chunks(shape: torch.Size, chunk_rows: int) -> Iterator[tuple[int, slice]]:
             yield b, slice(s, s + chunk_rows)
 
 
-def _row_stats(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Upcast and scale one chunk; return (x, y, p, lse_x, lse_y)."""
-    dtype = compute_dtype(x)
-    x = x.to(dtype) * inv_t
-    y = y.to(dtype) * inv_t
+def _p_weighted(p: Tensor, v: Tensor) -> Tensor:
+    # p_j v_j with 0 where p_j = 0 (there v may be -inf - -inf = nan); a NaN in a row still reaches
+    # the result through the log-sum-exps.
+    return torch.where(p > 0, p * v, 0.0)
+
+
+def _log_mid(logp: Tensor, logq: Tensor) -> Tensor:
+    """log((p + q) / 2) from log p and log q, exact where one of them is -inf."""
+    return torch.logaddexp(logp, logq) - math.log(2.0)
+
+
+def _chunk_stats(xc: Tensor, yc: Tensor, inv_t: float, divergence: str) -> tuple[Tensor, Tensor]:
+    """One chunk of rows -> (value, stats[..., 4]) in the compute dtype."""
+    dtype = compute_dtype(xc)
+    x = xc.to(dtype) * inv_t
+    y = yc.to(dtype) * inv_t
     lse_x = torch.logsumexp(x, dim=-1, keepdim=True)
     lse_y = torch.logsumexp(y, dim=-1, keepdim=True)
-    return x, y, torch.exp(x - lse_x), lse_x, lse_y
+    p = torch.exp(x - lse_x)
+    if divergence == "kl":
+        a_x = _p_weighted(p, x - y).sum(-1)
+        a_y = torch.zeros_like(a_x)
+        value = a_x - (lse_x - lse_y).squeeze(-1)
+    else:
+        logp, logq = x - lse_x, y - lse_y
+        logm = _log_mid(logp, logq)
+        a_x = _p_weighted(p, logp - logm).sum(-1)
+        a_y = _p_weighted(torch.exp(logq), logq - logm).sum(-1)
+        value = 0.5 * (a_x + a_y)
+    return value, torch.stack([lse_x.squeeze(-1), lse_y.squeeze(-1), a_x, a_y], -1)
 
 
-def _p_weighted_diff(p: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    # p_j (x_j - y_j), with 0 where p_j = 0 (there x - y may be -inf - -inf = nan).
-    # A NaN anywhere in a row still reaches the result through lse(x) or lse(y).
-    return torch.where(p > 0, p * (x - y), 0.0)
-
-
-def kl_forward(x: Tensor, y: Tensor, temperature: float, chunk_rows: int | None = None) -> Tensor:
-    """Per-row KL(softmax(x/T) || softmax(y/T)) of ``[batch, seq, vocab]`` logits -> ``[batch, seq]``.
+def forward(
+    x: Tensor, y: Tensor, temperature: float, divergence: str = "kl", chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence of ``[batch, seq, vocab]`` logits -> (``[batch, seq]``, stats ``[batch, seq, 4]``).
 
     float32 result (float64 for float64 inputs), clamped at 0 against rounding (NaN stays NaN).
     """
-    out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
-    xf, yf, of = _flatten_if_free(x), _flatten_if_free(y), out.view(-1).unsqueeze(0)
-    if xf.ndim != 3 or xf.shape[0] != 1 or yf.shape[0] != 1:  # one of the two could not be flattened
-        xf, yf, of = x, y, out
+    dtype = compute_dtype(x)
+    out = torch.empty(x.shape[:-1], dtype=dtype, device=x.device)
+    stats = torch.empty((*x.shape[:-1], 4), dtype=dtype, device=x.device)
+    xf, yf = _flatten_if_free(x), _flatten_if_free(y)
+    of, sf = out.view(1, -1), stats.view(1, -1, 4)
+    if xf.shape[0] != 1 or yf.shape[0] != 1:  # one of the two could not be flattened
+        xf, yf, of, sf = x, y, out, stats
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    inv_t = 1.0 / temperature
     for b, rows in _chunks(xf.shape, chunk_rows):
-        xc, yc, p, lse_x, lse_y = _row_stats(xf[b, rows], yf[b, rows], inv_t)
-        of[b, rows] = _p_weighted_diff(p, xc, yc).sum(-1) - (lse_x - lse_y).squeeze(-1)
-    return out.clamp_min(0.0)
+        of[b, rows], sf[b, rows] = _chunk_stats(xf[b, rows], yf[b, rows], 1.0 / temperature, divergence)
+    return out.clamp_min(0.0), stats
 
 
-def kl_backward(
-    grad: Tensor, x: Tensor, y: Tensor, temperature: float, chunk_rows: int | None = None
+def chunk_grads(
+    xc: Tensor, yc: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: str
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * KL)`` w.r.t. the logits ``x`` and ``y``, in their dtypes.
+    """Gradients of one chunk of rows (any leading shape) in the compute dtype."""
+    dtype = compute_dtype(xc)
+    x = xc.to(dtype) * inv_t
+    y = yc.to(dtype) * inv_t
+    lse_x, lse_y, a_x, a_y = (s.to(dtype).unsqueeze(-1) for s in stats.unbind(-1))
+    g = grad.to(dtype).unsqueeze(-1) * inv_t
+    live = g != 0
+    logp, logq = x - lse_x, y - lse_y
+    p, q = torch.exp(logp), torch.exp(logq)
+    if divergence == "kl":
+        gx = g * (_p_weighted(p, x - y) - p * a_x)
+        gy = g * (q - p)
+    else:
+        logm = _log_mid(logp, logq)
+        gx = 0.5 * g * (_p_weighted(p, logp - logm) - p * a_x)
+        gy = 0.5 * g * (_p_weighted(q, logq - logm) - q * a_y)
+    return torch.where(live & (p > 0), gx, 0.0), torch.where(live, gy, 0.0)
 
-    Rows whose upstream gradient is exactly zero (masked rows) get exactly zero gradient, whatever
-    their logits hold.
-    """
+
+def backward(
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    stats: Tensor,
+    temperature: float,
+    divergence: str = "kl",
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * D)`` w.r.t. the logits ``x`` and ``y``, in their dtypes."""
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    inv_t = 1.0 / temperature
     for b, rows in _chunks(x.shape, chunk_rows):
-        xc, yc, p, _, lse_y = _row_stats(x[b, rows], y[b, rows], inv_t)
-        q = torch.exp(yc - lse_y)
-        g = grad[b, rows].to(xc.dtype).unsqueeze(-1) * inv_t
-        pd = _p_weighted_diff(p, xc, yc)
-        live = g != 0
-        grad_x[b, rows] = torch.where(live & (p > 0), g * (pd - p * pd.sum(-1, keepdim=True)), 0.0)
-        grad_y[b, rows] = torch.where(live, g * (q - p), 0.0)
+        grad_x[b, rows], grad_y[b, rows] = chunk_grads(
+            x[b, rows], y[b, rows], stats[b, rows], grad[b, rows], 1.0 / temperature, divergence
+        )
     return grad_x, grad_y
+
+
+def jsd_partial(xc: Tensor, yc: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``(sum_j p_j log(p_j/m_j), sum_j q_j log(q_j/m_j))`` over a vocabulary slice, given the full-row lse's.
+
+    The logit-free path sums these over vocabulary chunks after a first sweep has found the lse's.
+    """
+    dtype = compute_dtype(xc)
+    logp = xc.to(dtype) * inv_t - lse_x.unsqueeze(-1)
+    logq = yc.to(dtype) * inv_t - lse_y.unsqueeze(-1)
+    logm = _log_mid(logp, logq)
+    return _p_weighted(logp.exp(), logp - logm).sum(-1), _p_weighted(logq.exp(), logq - logm).sum(-1)
+
+
+def jsd_partial_chunked(
+    x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`jsd_partial` of ``[rows, vocab]`` logits, ``chunk_rows`` rows at a time (bounded temporaries)."""
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
+    parts = [
+        jsd_partial(
+            x[r : r + chunk_rows], y[r : r + chunk_rows], lse_x[r : r + chunk_rows], lse_y[r : r + chunk_rows], inv_t
+        )
+        for r in range(0, x.shape[0], chunk_rows)
+    ]
+    if not parts:
+        empty = lse_x.new_zeros(0)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -1,0 +1,262 @@
+"""Triton backend: a single-pass online forward kernel per row, a blocked backward kernel, and their
+``torch.library.custom_op`` wrappers (so the kernels run inside a caller's ``torch.compile``).
+
+Forward (one program per row). The row is read once, ``BLOCK`` entries at a time; the kernel keeps,
+in float32, the running maxima and sums of the online log-sum-exp
+
+    m_x, s_x = sum e^{x - m_x}, d = sum e^{x - m_x} (x - y), m_y, s_y = sum e^{y - m_y}
+
+rescaling them by ``e^{m_old - m_new}`` when a block raises a maximum, and writes the divergence and
+the row statistics ``(lse_x, lse_y, a_x, a_y)`` (see :mod:`._torch`). For the Jensen-Shannon divergence
+a second loop over the row (from L2) sums ``p log(p/m)`` and ``q log(q/m)`` once the lse's are known.
+
+Backward (one program per (row, block)): reads both blocks once and writes both gradients from the
+saved row statistics, so no reduction is recomputed.
+
+Layout: ``[batch, seq, vocab]`` with any batch and seq strides and a unit vocabulary stride; offsets
+are int64 (``rows * vocab`` may exceed 2^31). bf16/fp16/fp32 inputs are upcast right after loading
+(which also keeps the CPU interpreter, ``TRITON_INTERPRET=1``, exact: it mis-computes bf16 arithmetic).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DIV_KL, DIV_JSD = 0, 1
+_DIV = {"kl": DIV_KL, "jsd": DIV_JSD}
+LN2 = math.log(2.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    X,
+    Y,
+    OUT,
+    STATS,
+    SEQ,
+    VOCAB,
+    stride_xb,
+    stride_xs,
+    stride_yb,
+    stride_ys,
+    inv_t,
+    DIV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // SEQ
+    s = row - b * SEQ
+    x_row = X + b * stride_xb + s * stride_xs
+    y_row = Y + b * stride_yb + s * stride_ys
+    cols = tl.arange(0, BLOCK)
+
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), 0)
+    m_x = zero - float("inf")
+    m_y = zero - float("inf")
+    s_x = zero
+    s_y = zero
+    d = zero
+    for start in range(0, VOCAB, BLOCK):
+        offs = start + cols
+        live = offs < VOCAB
+        x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+        y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+        new_x = tl.maximum(m_x, tl.max(x, 0))
+        new_y = tl.maximum(m_y, tl.max(y, 0))
+        use_x = tl.where(new_x == -float("inf"), 0.0, new_x)  # all -inf so far: keep exp() finite
+        use_y = tl.where(new_y == -float("inf"), 0.0, new_y)
+        alpha_x = tl.exp(m_x - use_x)
+        ex = tl.exp(x - use_x)
+        ey = tl.exp(y - use_y)
+        s_x = s_x * alpha_x + tl.sum(ex, 0)
+        d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
+        s_y = s_y * tl.exp(m_y - use_y) + tl.sum(ey, 0)
+        m_x = new_x
+        m_y = new_y
+    lse_x = m_x + tl.log(s_x)
+    lse_y = m_y + tl.log(s_y)
+    a_x = d / s_x
+    a_y = zero
+    if DIV == 1:  # Jensen-Shannon: a second sweep once the normalisers are known
+        a_x = zero
+        for start in range(0, VOCAB, BLOCK):
+            offs = start + cols
+            live = offs < VOCAB
+            x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+            y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+            logp = x - lse_x
+            logq = y - lse_y
+            hi = tl.maximum(logp, logq)
+            lo = tl.minimum(logp, logq)
+            logm = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
+            a_x += tl.sum(tl.where(logp > -float("inf"), tl.exp(logp) * (logp - logm), 0.0), 0)
+            a_y += tl.sum(tl.where(logq > -float("inf"), tl.exp(logq) * (logq - logm), 0.0), 0)
+        value = 0.5 * (a_x + a_y)
+    else:
+        value = a_x - (lse_x - lse_y)
+    tl.store(OUT + row, tl.where(value < 0.0, 0.0, value))  # clamp at 0 against rounding; NaN stays NaN
+    tl.store(STATS + row * 4 + 0, lse_x)
+    tl.store(STATS + row * 4 + 1, lse_y)
+    tl.store(STATS + row * 4 + 2, a_x)
+    tl.store(STATS + row * 4 + 3, a_y)
+
+
+@triton.jit
+def _bwd_kernel(
+    X,
+    Y,
+    STATS,
+    GRAD,
+    GX,
+    GY,
+    SEQ,
+    VOCAB,
+    stride_xb,
+    stride_xs,
+    stride_yb,
+    stride_ys,
+    inv_t,
+    DIV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < VOCAB
+    b = row // SEQ
+    s = row - b * SEQ
+    g = tl.load(GRAD + row).to(tl.float32) * inv_t
+    lse_x = tl.load(STATS + row * 4 + 0)
+    lse_y = tl.load(STATS + row * 4 + 1)
+    a_x = tl.load(STATS + row * 4 + 2)
+    a_y = tl.load(STATS + row * 4 + 3)
+    x = tl.load(X + b * stride_xb + s * stride_xs + offs, mask=live, other=0.0).to(tl.float32) * inv_t
+    y = tl.load(Y + b * stride_yb + s * stride_ys + offs, mask=live, other=0.0).to(tl.float32) * inv_t
+    logp = x - lse_x
+    logq = y - lse_y
+    p = tl.exp(logp)
+    q = tl.exp(logq)
+    if DIV == 1:
+        hi = tl.maximum(logp, logq)
+        lo = tl.minimum(logp, logq)
+        logm = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
+        gx = 0.5 * g * (tl.where(p > 0, p * (logp - logm), 0.0) - p * a_x)
+        gy = 0.5 * g * (tl.where(q > 0, q * (logq - logm), 0.0) - q * a_y)
+    else:
+        gx = g * (tl.where(p > 0, p * (x - y), 0.0) - p * a_x)
+        gy = g * (q - p)
+    gx = tl.where(p > 0, gx, 0.0)
+    gx = tl.where(g != 0, gx, 0.0)  # masked rows: exactly zero, whatever they hold
+    gy = tl.where(g != 0, gy, 0.0)
+    out = row * VOCAB + offs
+    tl.store(GX + out, gx.to(GX.dtype.element_ty), mask=live)
+    tl.store(GY + out, gy.to(GY.dtype.element_ty), mask=live)
+
+
+def _block(vocab: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(vocab)))
+
+
+def _fwd_block() -> int:
+    # Small blocks under the CPU interpreter: its cost grows with the block, not the loop count.
+    return 256 if _interpreting() else 4096
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``), float32."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    batch, seq, vocab = x.shape
+    out = torch.empty((batch, seq), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, seq, 4), dtype=torch.float32, device=x.device)
+    rows = batch * seq
+    if rows == 0:
+        return out, stats
+    _fwd_kernel[(rows,)](
+        x,
+        y,
+        out,
+        stats,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        inv_t,
+        DIV=divergence,
+        BLOCK=_block(vocab, _fwd_block()),
+    )
+    return out, stats
+
+
+def launch_backward(
+    x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` (contiguous, in their dtypes)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    batch, seq, vocab = x.shape
+    gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
+    gy = torch.empty((batch, seq, vocab), dtype=y.dtype, device=y.device)
+    rows = batch * seq
+    if rows == 0 or vocab == 0:
+        return gx, gy
+    block = _block(vocab, 256 if _interpreting() else 2048)
+    _bwd_kernel[(rows, triton.cdiv(vocab, block))](
+        x,
+        y,
+        stats.contiguous(),
+        grad.contiguous(),
+        gx,
+        gy,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        inv_t,
+        DIV=divergence,
+        BLOCK=block,
+    )
+    return gx, gy
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("vppo_core::divergence_fwd", mutates_args=())
+def divergence_fwd(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
+    """Opaque to ``torch.compile``: the launcher above on ``[batch, seq, vocab]`` inputs."""
+    return launch_forward(x, y, inv_t, divergence)
+
+
+@divergence_fwd.register_fake
+def _(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
+    batch, seq, _ = x.shape
+    return x.new_empty((batch, seq), dtype=torch.float32), x.new_empty((batch, seq, 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("vppo_core::divergence_bwd", mutates_args=())
+def divergence_bwd(
+    x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int
+) -> tuple[Tensor, Tensor]:
+    return launch_backward(x, y, stats, grad, inv_t, divergence)
+
+
+@divergence_bwd.register_fake
+def _(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def div_code(divergence: str) -> int:
+    return _DIV[divergence]
