@@ -1,0 +1,428 @@
+r"""Token selection: top-$q$ masks with a scope and an exact count, windows, tag spans, and priority weights.
+
+One vocabulary across the family:
+
+- ``scope`` is where a top-$q$ fraction is counted: ``"response"`` (each row on its own, as VPPO's
+  TGF and VEPO), ``"micro-batch"`` (all rows of the tensor you pass, or of each ``micro_batch_ids``
+  segment, with no communication: CGPO's official code), or ``"batch"`` (all rows, and all ranks of
+  ``process_group``: ToR over the rollout batch).
+- ``exact=True`` keeps exactly $\lceil qN\rceil$ tokens (at least one when $N \ge 1$;
+  ``rounding="floor"`` gives $\max(1, \lfloor qN\rfloor)$, VGPO's rule), ties broken by position
+  (``tie_break="position"``: lower rank, then lower row, then lower position first) or at random
+  with an explicit ``torch.Generator`` (``tie_break="random"``). ``exact=False`` is the threshold
+  rule: every token at or above the count-th largest value is kept (ties all kept).
+- NaN scores rank above every number and are kept first (so a NaN reaches the loss instead of being
+  silently dropped, as in [`topk_token_mask`][vppo_core.topk_token_mask]); padding is never kept.
+
+Scores are always detached: a mask carries no gradient. Batch statistics are computed here once for
+the tensor you pass; call these in the per-rollout-batch stage on the whole batch (with
+``process_group`` for the global batch) and slice the result per micro-batch, never silently per
+micro-batch.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Integer, Shaped
+from torch import Tensor
+
+from ._checks import as_bool_mask, check_choice, check_fraction, check_same_device, result_dtype, typechecked
+from ._segments import dense_ids, segment_sum
+from .distributed import ProcessGroupLike, all_gather_rows, resolve_group
+
+__all__ = ["kept_count", "priority_weights", "span_mask", "tail_window_mask", "topq_mask", "topq_threshold"]
+
+Scope = Literal["response", "micro-batch", "batch"]
+SCOPES: tuple[str, ...] = ("response", "micro-batch", "batch")
+Rounding = Literal["ceil", "floor"]
+
+# ceil(q * n) / floor(q * n) are computed in float64 with this guard, so decimal fractions behave as
+# written (0.7 * 10 keeps 7, and 0.3 * 10 = 2.9999999999999996 floors to 3).
+_GUARD = 1e-9
+
+
+def kept_count(n_valid: Tensor, q: float, rounding: Rounding = "ceil") -> Tensor:
+    r"""How many of ``n_valid`` tokens a top-$q$ selection keeps: $\lceil qn\rceil$ or $\lfloor qn\rfloor$, at least 1.
+
+    Never more than $n$, and 0 only when $n = 0$. ``rounding="ceil"`` equals
+    [`num_kept_tokens`][vppo_core.num_kept_tokens]; ``"floor"`` is VGPO's $\max(1, \lfloor\kappa n\rfloor)$.
+
+    Example:
+        >>> import torch
+        >>> kept_count(torch.tensor([0, 1, 5, 10]), 0.3), kept_count(torch.tensor([0, 1, 5, 10]), 0.3, "floor")
+        (tensor([0, 1, 2, 3]), tensor([0, 1, 1, 3]))
+    """
+    n = n_valid.to(torch.float64)
+    raw = torch.ceil(n * q - _GUARD) if rounding == "ceil" else torch.floor(n * q + _GUARD)
+    return torch.minimum(raw.clamp_min(1.0), n).to(torch.int64)
+
+
+def _check(q: float, scope: str, rounding: str, tie_break: str, generator: object, process_group: object) -> None:
+    check_fraction("q", q)
+    check_choice("scope", scope, SCOPES)
+    check_choice("rounding", rounding, ("ceil", "floor"))
+    check_choice("tie_break", tie_break, ("position", "random"))
+    if tie_break == "random" and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"tie_break='random' needs an explicit torch.Generator (generator=...), got {type(generator).__name__}"
+        )
+    if process_group is not None and scope != "batch":
+        raise ValueError(f"process_group pools over ranks and applies to scope='batch' only, got scope={scope!r}")
+
+
+class _Pooled:
+    """Flattened scores of the (global) selection, their segment ids, and this rank's slice."""
+
+    def __init__(
+        self,
+        scores: Tensor,
+        response_mask: Tensor,
+        scope: str,
+        micro_batch_ids: Tensor | None,
+        process_group: ProcessGroupLike,
+    ) -> None:
+        check_same_device(scores=scores, response_mask=response_mask, micro_batch_ids=micro_batch_ids)
+        batch, seq = scores.shape
+        self.shape = scores.shape
+        values = scores.detach().to(result_dtype(scores)).reshape(-1)
+        valid = as_bool_mask(response_mask).reshape(-1)
+        rows = torch.arange(batch, device=scores.device).repeat_interleave(seq)
+        if scope == "response":
+            seg = rows
+        elif scope == "micro-batch" and micro_batch_ids is not None:
+            seg = dense_ids(micro_batch_ids)[rows]
+        else:
+            seg = torch.zeros_like(rows)
+        self.offset = 0
+        group = resolve_group(process_group)
+        if group is not None:
+            gathered, offset = all_gather_rows(torch.stack([values, valid.to(values.dtype)], dim=-1), group)
+            values, valid = gathered[:, 0], gathered[:, 1] != 0
+            seg = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+            self.offset = offset
+        self.values, self.valid, self.seg = values, valid, seg
+
+    def local(self, flat: Tensor) -> Tensor:
+        n = self.shape[0] * self.shape[1]
+        return flat[self.offset : self.offset + n].reshape(self.shape)
+
+
+def _sorted(pooled: _Pooled, tie_break: str, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Order of the flat entries by (segment, valid first, score descending, tie key); segment starts and counts.
+
+    Successive stable sorts, least significant key first. The tie key is the flat position (lower
+    rank, row, position first) or a random permutation drawn from ``generator``.
+    """
+    values, valid, seg = pooled.values, pooled.valid, pooled.seg
+    n = values.shape[0]
+    if tie_break == "random":
+        assert generator is not None
+        order = torch.randperm(n, generator=generator, device=generator.device).to(values.device)
+    else:
+        order = torch.arange(n, device=values.device)
+    order = order[torch.argsort(values[order], descending=True, stable=True)]
+    order = order[torch.argsort((~valid[order]).to(torch.uint8), stable=True)]
+    order = order[torch.argsort(seg[order], stable=True)]
+    size = segment_sum(torch.ones_like(seg), seg)
+    start = torch.cumsum(size, 0) - size
+    n_valid = segment_sum(valid.long(), seg)
+    return order, start, n_valid
+
+
+@typechecked
+def topq_mask(
+    scores: Float[Tensor, "batch seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    q: float,
+    scope: Scope = "response",
+    exact: bool = True,
+    rounding: Rounding = "ceil",
+    tie_break: Literal["position", "random"] = "position",
+    generator: torch.Generator | None = None,
+    micro_batch_ids: Integer[Tensor, " batch"] | None = None,
+    process_group: ProcessGroupLike = None,
+) -> Bool[Tensor, "batch seq"]:
+    r"""Keep the top fraction $q$ of the valid tokens by score, counted per response, micro-batch or batch.
+
+    Within each scope unit $u$ (a response, a micro-batch, or the global batch) with $N_u$ valid
+    tokens, ``exact=True`` keeps exactly $n_u = \lceil q N_u\rceil$ tokens (``rounding="floor"``:
+    $\max(1, \lfloor qN_u\rfloor)$; always $\ge 1$ when $N_u \ge 1$); ``exact=False`` keeps every
+    valid token with $s_t \ge \tau_u$, $\tau_u$ the $n_u$-th largest valid score (ties all kept, so at
+    least $n_u$ tokens). See the module notes for the scopes, tie-breaking and NaN.
+
+    This one block serves VPPO's TGF and VEPO (``scope="response"``; equal to
+    [`topk_token_mask`][vppo_core.topk_token_mask] with position ties), the high-entropy minority
+    (``scope="batch"``; equal to [`high_entropy_mask`][vppo_core.high_entropy_mask]), ToR
+    (arXiv:2603.25077: top 30% over the rollout batch, exactly $\lceil 0.3N\rceil$, seeded random
+    tie-break), CGPO (top 30% per micro-batch, ``exact=False``) and VGPO's gated compensation
+    (``rounding="floor"`` inside a window, with [`tail_window_mask`][vppo_core.selection.tail_window_mask]).
+
+    Shapes:
+        - ``scores``, ``response_mask``: ``[batch, seq]``
+        - ``micro_batch_ids``: ``[batch]``
+        - returns: ``[batch, seq]`` bool
+
+    Args:
+        scores: Per-token score, higher kept first; detached.
+        response_mask: Valid tokens (bool or 0/1); only these can be kept.
+        q: Fraction kept, in $(0, 1]$.
+        scope: ``"response"``, ``"micro-batch"`` or ``"batch"``.
+        exact: Exact count (``True``) or threshold rule (``False``).
+        rounding: ``"ceil"`` or ``"floor"`` (both at least 1).
+        tie_break: ``"position"`` or ``"random"`` (needs ``generator``; only matters with ``exact``).
+        generator: Source of the random tie-break. With ``process_group`` every rank must pass a
+            generator in the same state (the permutation is drawn over the global batch).
+        micro_batch_ids: With ``scope="micro-batch"``: rows with equal ids form one micro-batch
+            (``None``: the whole tensor is one).
+        process_group: With ``scope="batch"``: pool over every rank of this group (``"world"`` for
+            the default group); each rank gets its own rows of the mask one process would compute on
+            the concatenated batch. ``None``: no communication.
+
+    Returns:
+        Bool mask, a subset of ``response_mask``.
+
+    Raises:
+        ValueError: On ``q`` outside $(0, 1]$, an unknown option, ``tie_break="random"`` without a
+            generator, or ``process_group`` with a scope other than ``"batch"``.
+
+    Example:
+        >>> import torch
+        >>> s = torch.tensor([[0.0, 0.0, 0.0, 0.9], [0.0, 0.5, 0.0, 0.0]])
+        >>> topq_mask(s, torch.ones(2, 4), q=0.25, scope="batch")  # exactly ceil(0.25 * 8) = 2
+        tensor([[False, False, False,  True],
+                [False,  True, False, False]])
+        >>> topq_mask(s, torch.ones(2, 4), q=0.5, scope="batch", exact=False)  # the 4th largest is 0: ties kept
+        tensor([[True, True, True, True],
+                [True, True, True, True]])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> int(topq_mask(s, torch.ones(2, 4), q=0.5, scope="batch", tie_break="random", generator=g).sum())
+        4
+    """
+    _check(q, scope, rounding, tie_break, generator, process_group)
+    pooled = _Pooled(scores, response_mask, scope, micro_batch_ids, process_group)
+    order, start, n_valid = _sorted(pooled, tie_break if exact else "position", generator)
+    n_keep = kept_count(n_valid, q, rounding)
+    seg_sorted = pooled.seg[order]
+    rank = torch.arange(order.shape[0], device=order.device) - start[seg_sorted]
+    if exact:
+        keep_sorted = pooled.valid[order] & (rank < n_keep[seg_sorted])
+        keep = torch.zeros_like(pooled.valid).scatter(0, order, keep_sorted)
+    else:
+        threshold = _thresholds(pooled, order, start, n_keep)[pooled.seg]
+        keep = pooled.valid & ((pooled.values >= threshold) | pooled.values.isnan())
+    return pooled.local(keep)
+
+
+def _thresholds(pooled: _Pooled, order: Tensor, start: Tensor, n_keep: Tensor) -> Tensor:
+    """The n_keep-th largest valid value of each segment (``+inf`` for a segment without valid tokens)."""
+    if order.numel() == 0:
+        return pooled.values.new_full(start.shape, float("inf"))
+    pos = (start + n_keep - 1).clamp(0, order.shape[0] - 1)
+    kth = pooled.values[order[pos]]
+    return torch.where(n_keep > 0, kth, float("inf"))
+
+
+@typechecked
+def topq_threshold(
+    scores: Float[Tensor, "batch seq"],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    q: float,
+    scope: Scope = "batch",
+    rounding: Rounding = "ceil",
+    micro_batch_ids: Integer[Tensor, " batch"] | None = None,
+    process_group: ProcessGroupLike = None,
+) -> Float[Tensor, " batch"]:
+    r"""The threshold of the top-$q$ rule for each row: the $n_u$-th largest valid score of its scope unit.
+
+    The statistic behind ``topq_mask(..., exact=False)``: compute it once on the whole rollout batch
+    (over ranks with ``process_group``), slice it like the batch, and apply it to any micro-batch
+    with ``response_mask & (scores >= threshold[:, None])``. A row whose unit has no valid token gets
+    $+\infty$. NaN scores rank first, as in [`topq_mask`][vppo_core.selection.topq_mask]. Detached.
+
+    Shapes:
+        - ``scores``, ``response_mask``: ``[batch, seq]``
+        - ``micro_batch_ids``: ``[batch]``
+        - returns: ``[batch]``
+
+    Args:
+        scores: Per-token score.
+        response_mask: Valid tokens.
+        q: Fraction above the threshold, in $(0, 1]$.
+        scope: ``"response"``, ``"micro-batch"`` or ``"batch"``.
+        rounding: ``"ceil"`` or ``"floor"``.
+        micro_batch_ids: Micro-batch of each row, with ``scope="micro-batch"``.
+        process_group: Pool over ranks, with ``scope="batch"``.
+
+    Returns:
+        One threshold per row, float32 (float64 for float64 scores).
+
+    Raises:
+        ValueError: As [`topq_mask`][vppo_core.selection.topq_mask].
+
+    Example:
+        >>> import torch
+        >>> s = torch.tensor([[0.5, 2.0, 0.1], [1.0, 0.3, 0.2]])
+        >>> topq_threshold(s, torch.ones(2, 3), q=0.3)  # ceil(0.3 * 6) = 2nd largest
+        tensor([1., 1.])
+    """
+    _check(q, scope, rounding, "position", None, process_group)
+    pooled = _Pooled(scores, response_mask, scope, micro_batch_ids, process_group)
+    order, start, n_valid = _sorted(pooled, "position", None)
+    per_entry = _thresholds(pooled, order, start, kept_count(n_valid, q, rounding))[pooled.seg]
+    return pooled.local(per_entry)[:, 0] if scores.shape[1] else scores.new_full((scores.shape[0],), float("inf"))
+
+
+@typechecked
+def tail_window_mask(
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    fraction: float = 0.5,
+) -> Bool[Tensor, "batch seq"]:
+    r"""The last ``fraction`` of each response: valid tokens with index $j \ge \lfloor (1 - \gamma) L_i\rfloor$.
+
+    $j = 0, \dots, L_i - 1$ counts response $i$'s valid tokens in order (left or right padding alike).
+    VGPO (arXiv:2604.09349) restricts its gated compensation to this window, $\gamma = 0.5$.
+    ``fraction=1`` keeps every valid token; a non-empty response always keeps at least its last token.
+
+    Shapes:
+        - ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` bool
+
+    Args:
+        response_mask: Valid response tokens.
+        fraction: $\gamma \in (0, 1]$.
+
+    Returns:
+        Bool mask, a subset of ``response_mask``.
+
+    Raises:
+        ValueError: If ``fraction`` is not in $(0, 1]$.
+
+    Example:
+        >>> import torch
+        >>> tail_window_mask(torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]), fraction=0.5)
+        tensor([[False, False,  True,  True,  True, False],
+                [False, False, False,  True,  True,  True]])
+    """
+    check_fraction("fraction", fraction)
+    valid = as_bool_mask(response_mask)
+    index = valid.long().cumsum(-1) - 1
+    length = valid.sum(-1, keepdim=True).to(torch.float64)
+    start = torch.floor(length * (1.0 - fraction) + _GUARD)
+    return valid & (index >= start)
+
+
+@typechecked
+def span_mask(
+    input_ids: Integer[Tensor, "batch seq"],
+    open_ids: int | Sequence[int],
+    close_ids: int | Sequence[int],
+    response_mask: Shaped[Tensor, "batch seq"] | None = None,
+    *,
+    include_tags: bool = True,
+) -> Bool[Tensor, "batch seq"]:
+    r"""Tokens inside tag spans, e.g. ``<region> ... </region>``: from each opening tag to the next closing one.
+
+    Token $t$ is inside when more opening tags than closing tags occur before it (counting an
+    opening tag at $t$ itself): $\#\{s \le t: \text{open}\} > \#\{s < t: \text{close}\}$. For
+    well-formed, non-nested spans that is exactly the tokens from each opening tag to its closing tag;
+    an unclosed span runs to the end of the row and a stray closing tag is ignored. CGPO uses the
+    region-tag tokens of a response as perception tokens. Pass single-token tag ids (add the tags to
+    the tokenizer as special tokens if they would otherwise split).
+
+    Shapes:
+        - ``input_ids``, ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` bool
+
+    Args:
+        input_ids: Token ids.
+        open_ids: Id(s) of the opening tag.
+        close_ids: Id(s) of the closing tag.
+        response_mask: Restrict the result to these positions; ``None`` keeps all.
+        include_tags: Whether the tag tokens themselves are in the span.
+
+    Returns:
+        Bool mask of the spans.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[5, 1, 7, 8, 2, 9, 1, 4]])  # 1 opens, 2 closes
+        >>> span_mask(ids, 1, 2).int()
+        tensor([[0, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.int32)
+        >>> span_mask(ids, 1, 2, include_tags=False).int()
+        tensor([[0, 0, 1, 1, 0, 0, 0, 1]], dtype=torch.int32)
+    """
+    device = input_ids.device
+    opens = torch.isin(input_ids, torch.as_tensor(open_ids, device=device).reshape(-1))
+    closes = torch.isin(input_ids, torch.as_tensor(close_ids, device=device).reshape(-1))
+    n_open = opens.long().cumsum(-1)
+    n_close_before = closes.long().cumsum(-1) - closes.long()
+    inside = n_open > n_close_before
+    if not include_tags:
+        inside = inside & ~opens & ~closes
+    if response_mask is not None:
+        check_same_device(input_ids=input_ids, response_mask=response_mask)
+        inside = inside & as_bool_mask(response_mask)
+    return inside
+
+
+@typechecked
+def priority_weights(
+    masks: Sequence[Shaped[Tensor, "batch seq"]],
+    weights: Sequence[float],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    default: float = 0.0,
+) -> Float[Tensor, "batch seq"]:
+    r"""Token weights from prioritised masks: each valid token gets the weight of the first mask holding it.
+
+    $$
+    w_t = \begin{cases} \gamma_1 & t \in M_1 \\ \gamma_2 & t \in M_2 \setminus M_1 \\ \ \vdots \\
+    \gamma_{default} & \text{otherwise} \end{cases}
+    $$
+
+    ToR (arXiv:2603.25077) weights the reasoning set with $\gamma_r = 1$ and the remaining
+    perception set with $\gamma_p = 0.5$, everything else 0. Padding is 0. Pass the result as
+    ``token_mask`` (float weights) to [`vppo_loss`][vppo_core.vppo_loss].
+
+    Shapes:
+        - each of ``masks``, ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` float32
+
+    Args:
+        masks: Bool (or 0/1) masks, highest priority first.
+        weights: One finite weight per mask.
+        response_mask: Valid tokens.
+        default: Weight of valid tokens in no mask.
+
+    Returns:
+        Float32 weights.
+
+    Raises:
+        ValueError: If the counts differ or a weight is not finite.
+
+    Example:
+        >>> import torch
+        >>> reasoning = torch.tensor([[1, 0, 0, 1]])
+        >>> perception = torch.tensor([[1, 1, 0, 0]])
+        >>> priority_weights([reasoning, perception], [1.0, 0.5], torch.tensor([[1, 1, 1, 0]]))
+        tensor([[1.0000, 0.5000, 0.0000, 0.0000]])
+    """
+    if len(masks) != len(weights):
+        raise ValueError(
+            f"priority_weights needs one weight per mask, got {len(masks)} masks and {len(weights)} weights"
+        )
+    for i, w in enumerate([*weights, default]):
+        if not math.isfinite(w):
+            name = f"weights[{i}]" if i < len(weights) else "default"
+            raise ValueError(f"{name} must be a finite number, got {w!r}")
+    valid = as_bool_mask(response_mask)
+    out = torch.full(valid.shape, float(default), dtype=torch.float32, device=valid.device)
+    for mask, w in zip(reversed(masks), reversed(weights)):  # lowest priority first, overwritten by higher ones
+        check_same_device(mask=mask, response_mask=response_mask)
+        out = torch.where(as_bool_mask(mask, "masks"), float(w), out)
+    return torch.where(valid, out, 0.0)
