@@ -281,7 +281,7 @@ def test_selection_errors():
 @pytest.mark.parametrize("fraction", [0.5, 0.3, 0.9, 1.0])
 def test_tail_window_and_relative_position(left_pad, fraction):
     _, mask = make(batch=8, seq=10, seed=2, left_pad=left_pad)
-    window, pos = tail_window_mask(mask, fraction=fraction), relative_position(mask)
+    window, pos = tail_window_mask(mask, fraction=fraction), relative_position(mask, dtype=F64)
     exp_w, exp_p = torch.zeros(mask.shape, dtype=torch.bool), torch.zeros(mask.shape, dtype=F64)
     for b in range(mask.shape[0]):
         idx = [t for t in range(mask.shape[1]) if mask[b, t]]
@@ -291,7 +291,8 @@ def test_tail_window_and_relative_position(left_pad, fraction):
             exp_w[b, t] = j >= start
             exp_p[b, t] = j / (length - 1) if length > 1 else 0.0
     assert torch.equal(window, exp_w)
-    torch.testing.assert_close(pos.double(), exp_p, rtol=0, atol=1e-7)
+    torch.testing.assert_close(pos, exp_p, rtol=0, atol=1e-15)
+    assert relative_position(mask).dtype == torch.float32
 
 
 def test_span_mask_matches_state_machine():

@@ -506,7 +506,9 @@ def visual_similarity(
 
 
 @typechecked
-def relative_position(response_mask: Shaped[Tensor, "batch seq"]) -> Float[Tensor, "batch seq"]:
+def relative_position(
+    response_mask: Shaped[Tensor, "batch seq"], *, dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "batch seq"]:
     r"""Each valid token's relative position in its response, $j/(L_i - 1) \in [0, 1]$.
 
     $j = 0, \dots, L_i - 1$ counts the response's valid tokens in order (left or right padding
@@ -515,7 +517,14 @@ def relative_position(response_mask: Shaped[Tensor, "batch seq"]) -> Float[Tenso
 
     Shapes:
         - ``response_mask``: ``[batch, seq]``
-        - returns: ``[batch, seq]`` float32
+        - returns: ``[batch, seq]``
+
+    Args:
+        response_mask: Valid response tokens.
+        dtype: Result dtype (float32, or float64 to compose with float64 signals).
+
+    Returns:
+        Relative positions in ``dtype``.
 
     Example:
         >>> import torch
@@ -524,6 +533,6 @@ def relative_position(response_mask: Shaped[Tensor, "batch seq"]) -> Float[Tenso
                 [0.0000, 0.0000, 0.0000, 0.0000, 0.0000, 0.0000]])
     """
     valid = as_bool_mask(response_mask)
-    index = (valid.long().cumsum(-1) - 1).to(torch.float32)
-    span = (valid.sum(-1, keepdim=True) - 1).clamp_min(1).to(torch.float32)
+    index = (valid.long().cumsum(-1) - 1).to(dtype)
+    span = (valid.sum(-1, keepdim=True) - 1).clamp_min(1).to(dtype)
     return torch.where(valid, index / span, 0.0)

@@ -1,0 +1,81 @@
+"""Batch-wide statistics of the family (pooled top-q, thresholds, group min-max, median/MAD, group means, and the
+rollout recipes built on them) give on 2 gloo ranks exactly what one process gives on the concatenated batch."""
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vppo_core import family as Fm
+from vppo_core.factors import group_centred_clamp, median_mad_factors, minmax_normalise
+from vppo_core.selection import topq_mask, topq_threshold
+
+B, T = 13, 7
+BOUNDS = [0, 9, 13]  # uneven shards; the prompt groups of 4 straddle the boundary
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(99)
+    mask = torch.rand(B, T, generator=g) < 0.75
+    mask[4] = False  # an empty response
+    scores = torch.round(torch.rand(B, T, generator=g, dtype=torch.float64) * 5)  # ties
+    values = torch.rand(B, generator=g, dtype=torch.float64)
+    groups = torch.arange(B) // 4
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    dep = torch.rand(B, T, generator=g, dtype=torch.float64) ** 2
+    sim = torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1
+    return mask, scores, values, groups, adv, dep, sim
+
+
+def compute(mask, scores, values, groups, adv, dep, sim, *, group=None, micro_batch_ids=None):
+    valid = mask.any(-1)
+    return {
+        "top_random": topq_mask(
+            scores,
+            mask,
+            q=0.3,
+            scope="batch",
+            tie_break="random",
+            generator=torch.Generator().manual_seed(5),
+            process_group=group,
+        ),
+        "top_threshold": topq_mask(scores, mask, q=0.3, scope="batch", exact=False, process_group=group),
+        "threshold": topq_threshold(scores, mask, q=0.3, scope="batch", process_group=group),
+        "minmax": minmax_normalise(values, valid, process_group=group),
+        "minmax_groups": minmax_normalise(values, valid, group_ids=groups, process_group=group),
+        "median_mad": median_mad_factors(values, valid, process_group=group),
+        "group_clamp": group_centred_clamp(values, groups, valid, low=0.9, high=1.05, process_group=group),
+        "tor": Fm.tor_rollout(
+            adv, scores, dep, mask, generator=torch.Generator().manual_seed(7), process_group=group
+        ).token_mask,
+        "cgpo_batch": Fm.cgpo_rollout(adv, dep, scores, mask, mask_scope="batch", process_group=group).advantages,
+        "cgpo_micro": Fm.cgpo_rollout(adv, dep, scores, mask, micro_batch_ids=micro_batch_ids, process_group=group)[0],
+        "vgpo": Fm.vgpo_rollout(adv, sim, mask, groups, process_group=group).advantages,
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shard = [t[BOUNDS[rank] : BOUNDS[rank + 1]] for t in global_batch()]
+        torch.save(compute(*shard, group="world"), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # one process: the whole batch; the per-rank micro-batch masks of CGPO become two micro-batches
+    ranks_as_micro_batches = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(itertools.pairwise(BOUNDS))])
+    full = compute(*global_batch(), micro_batch_ids=ranks_as_micro_batches)
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, expected in full.items():
+        got = torch.cat([s[key] for s in shards])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12, msg=key)
+    # the batch really exercises the statistics
+    assert (full["minmax_groups"] > 0).any() and not torch.equal(full["median_mad"], torch.ones(B, dtype=torch.float64))
+    assert full["top_threshold"].sum() > full["top_random"].sum()  # ties at the threshold
