@@ -50,13 +50,13 @@ def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(lse_x, lse_y, sum_j p_j (x_j - y_j))`` of ``[rows, vocab]`` logits scaled by ``inv_t``.
+    """float64 ``(lse_x, lse_y, sum_j p_j (x_j - y_j))`` of ``[rows, vocab]`` logits times ``inv_t`` (float64).
 
     ``vocab > BLOCK``: ``nb >= 1`` full blocks plus a tail of 1 to ``BLOCK`` entries, so no part is
     ever empty (an empty part would change the traced graph). ``vocab <= BLOCK``: one block per row.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = inv_t * LOG2E
+    c = (inv_t * LOG2E).to(acc)
     if x.shape[-1] <= BLOCK:
         mx, sx, d, my, sy = _block_stats(x.to(acc), y.to(acc), c)
     else:
@@ -75,26 +75,31 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
         sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
         d = (main[2] * wx).sum(-1) + tail[2] * wx_tail
         sy = (main[4] * wy).sum(-1) + tail[4] * torch.exp2((tail[3] - my) * c)
-    return mx * inv_t + torch.log(sx), my * inv_t + torch.log(sy), d * inv_t / sx
+    # Per-row finalisation in float64 (see _torch: the statistics are float64).
+    lse_x = mx.double() * inv_t + torch.log(sx.double())
+    lse_y = my.double() * inv_t + torch.log(sy.double())
+    return lse_x, lse_y, d.double() * inv_t / sx.double()
 
 
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, jsd: bool = False) -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see :mod:`._torch` for the stats."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     lse_x, lse_y, a_x = _lse_stats(x, y, inv_t)
     if not jsd:
         value = a_x - (lse_x - lse_y)
-        return value.clamp_min(0.0), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
-    acc = lse_x.dtype
-    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse_x, lse_y, inv_t)
+        return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
+    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse_x, lse_y, inv_t.to(acc))
+    a_x, a_y = a_x.double(), a_y.double()
     value = 0.5 * (a_x + a_y)
-    return value.clamp_min(0.0), torch.stack([lse_x, lse_y, a_x, a_y], -1)
+    return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, a_y], -1)
 
 
 def backward_core(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor, jsd: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Pointwise gradients of ``[rows, vocab]`` logits, in the inputs' dtype."""
-    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t, "jsd" if jsd else "kl")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), "jsd" if jsd else "kl")
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
@@ -181,7 +186,8 @@ def _call(kind: str, dtype: torch.dtype, jsd: bool, *args: Tensor) -> tuple[Tens
 
 
 def _jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return _torch.jsd_partial(x, y, lse_x, lse_y, inv_t)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _torch.jsd_partial(x, y, lse_x, lse_y, inv_t.to(acc))
 
 
 @functools.cache
@@ -212,8 +218,8 @@ def _row_views(*ts: Tensor) -> list[tuple[Tensor, ...]]:
 
 
 def _inv_t(temperature: float, x: Tensor) -> Tensor:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.full((), 1.0 / temperature, dtype=acc, device=x.device)
+    """``1/T`` as a float64 0-d tensor: a graph input, so a new temperature does not recompile."""
+    return torch.full((), 1.0 / temperature, dtype=torch.float64, device=x.device)
 
 
 def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
@@ -221,8 +227,8 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
     jsd = divergence == "jsd"
     inv_t = _inv_t(temperature, x)
     if x.shape[0] * x.shape[1] == 0:
-        acc = inv_t.dtype
-        return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 4), dtype=acc)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 4), dtype=torch.float64)
     parts = [_call("forward", x.dtype, jsd, xr, yr, inv_t) for xr, yr in _row_views(x, y)]
     if len(parts) == 1:
         value, stats = parts[0]

@@ -69,14 +69,14 @@ def forward(
     acc = torch.float64 if hx.dtype == torch.float64 else torch.float32
     tokens, vocab = hx.shape[0], weight.shape[0]
     values = torch.empty(tokens, dtype=acc, device=hx.device)
-    stats = torch.zeros(tokens, 4, dtype=acc, device=hx.device)
+    stats = torch.zeros(tokens, 4, dtype=torch.float64, device=hx.device)  # merged in float64
     vslices = balanced_chunks(vocab, vocab_chunk)
     for t in balanced_chunks(tokens, token_chunk):
         run = None
         for v in vslices:
             x, y = hx[t] @ weight[v].T, hy[t] @ weight[v].T
             _, tile = row_forward(x.unsqueeze(0), y.unsqueeze(0), temperature, "kl")
-            run = _merge(run, tile[0, :, :3].to(acc))
+            run = _merge(run, tile[0, :, :3].double())
         assert run is not None
         lse_x, lse_y = run[:, 0], run[:, 1]
         if divergence == "kl":
@@ -87,7 +87,7 @@ def forward(
         a_y = torch.zeros_like(lse_y)
         for v in vslices:
             px, py = jsd_partial(hx[t] @ weight[v].T, hy[t] @ weight[v].T, lse_x, lse_y, 1.0 / temperature)
-            a_x, a_y = a_x + px, a_y + py
+            a_x, a_y = a_x + px.double(), a_y + py.double()
         stats[t] = torch.stack([lse_x, lse_y, a_x, a_y], -1)
         values[t] = 0.5 * (a_x + a_y)
     return values.clamp_min(0.0), stats

@@ -18,8 +18,6 @@ are int64 (``rows * vocab`` may exceed 2^31). bf16/fp16/fp32 inputs are upcast r
 (which also keeps the CPU interpreter, ``TRITON_INTERPRET=1``, exact: it mis-computes bf16 arithmetic).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -27,7 +25,6 @@ from torch import Tensor
 
 DIV_KL, DIV_JSD = 0, 1
 _DIV = {"kl": DIV_KL, "jsd": DIV_JSD}
-LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -76,27 +73,32 @@ def _fwd_kernel(
         s_y = s_y * tl.exp(m_y - use_y) + tl.sum(ey, 0)
         m_x = new_x
         m_y = new_y
-    lse_x = m_x + tl.log(s_x)
-    lse_y = m_y + tl.log(s_y)
-    a_x = d / s_x
-    a_y = zero
+    # Statistics in float64 (see _torch): max + log(sum) is added after the cast.
+    lse_x = m_x.to(tl.float64) + tl.log(s_x).to(tl.float64)
+    lse_y = m_y.to(tl.float64) + tl.log(s_y).to(tl.float64)
+    a_x = (d / s_x).to(tl.float64)
+    a_y = zero.to(tl.float64)
     if DIV == 1:  # Jensen-Shannon: a second sweep once the normalisers are known
         a_x = zero
+        a_y = zero
+        lse_x32 = lse_x.to(tl.float32)
+        lse_y32 = lse_y.to(tl.float32)
         for start in range(0, VOCAB, BLOCK):
             offs = start + cols
             live = offs < VOCAB
             x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
             y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
-            logp = x - lse_x
-            logq = y - lse_y
-            hi = tl.maximum(logp, logq)
-            lo = tl.minimum(logp, logq)
-            logm = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
-            a_x += tl.sum(tl.where(logp > -float("inf"), tl.exp(logp) * (logp - logm), 0.0), 0)
-            a_y += tl.sum(tl.where(logq > -float("inf"), tl.exp(logq) * (logq - logm), 0.0), 0)
+            p = tl.exp(x - lse_x32)
+            q = tl.exp(y - lse_y32)
+            pq = p + q  # log(p/m) = log(2p / (p + q)): exactly 0 where p == q
+            a_x += tl.sum(tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0), 0)
+            a_y += tl.sum(tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0), 0)
+        a_x = a_x.to(tl.float64)
+        a_y = a_y.to(tl.float64)
         value = 0.5 * (a_x + a_y)
     else:
         value = a_x - (lse_x - lse_y)
+    value = value.to(tl.float32)
     tl.store(OUT + row, tl.where(value < 0.0, 0.0, value))  # clamp at 0 against rounding; NaN stays NaN
     tl.store(STATS + row * 4 + 0, lse_x)
     tl.store(STATS + row * 4 + 1, lse_y)
@@ -128,22 +130,18 @@ def _bwd_kernel(
     b = row // SEQ
     s = row - b * SEQ
     g = tl.load(GRAD + row).to(tl.float32) * inv_t
-    lse_x = tl.load(STATS + row * 4 + 0)
-    lse_y = tl.load(STATS + row * 4 + 1)
-    a_x = tl.load(STATS + row * 4 + 2)
-    a_y = tl.load(STATS + row * 4 + 3)
+    lse_x = tl.load(STATS + row * 4 + 0).to(tl.float32)
+    lse_y = tl.load(STATS + row * 4 + 1).to(tl.float32)
+    a_x = tl.load(STATS + row * 4 + 2).to(tl.float32)
+    a_y = tl.load(STATS + row * 4 + 3).to(tl.float32)
     x = tl.load(X + b * stride_xb + s * stride_xs + offs, mask=live, other=0.0).to(tl.float32) * inv_t
     y = tl.load(Y + b * stride_yb + s * stride_ys + offs, mask=live, other=0.0).to(tl.float32) * inv_t
-    logp = x - lse_x
-    logq = y - lse_y
-    p = tl.exp(logp)
-    q = tl.exp(logq)
+    p = tl.exp(x - lse_x)
+    q = tl.exp(y - lse_y)
     if DIV == 1:
-        hi = tl.maximum(logp, logq)
-        lo = tl.minimum(logp, logq)
-        logm = hi + tl.log(1.0 + tl.exp(lo - hi)) - 0.6931471805599453
-        gx = 0.5 * g * (tl.where(p > 0, p * (logp - logm), 0.0) - p * a_x)
-        gy = 0.5 * g * (tl.where(q > 0, q * (logq - logm), 0.0) - q * a_y)
+        pq = p + q
+        gx = 0.5 * g * (tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0) - p * a_x)
+        gy = 0.5 * g * (tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0) - q * a_y)
     else:
         gx = g * (tl.where(p > 0, p * (x - y), 0.0) - p * a_x)
         gy = g * (q - p)
@@ -171,12 +169,12 @@ def _interpreting() -> bool:
 
 
 def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
-    """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``), float32."""
+    """``[batch, seq, vocab]`` -> (float32 value ``[batch, seq]``, float64 stats ``[batch, seq, 4]``)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
     batch, seq, vocab = x.shape
     out = torch.empty((batch, seq), dtype=torch.float32, device=x.device)
-    stats = torch.empty((batch, seq, 4), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, seq, 4), dtype=torch.float64, device=x.device)
     rows = batch * seq
     if rows == 0:
         return out, stats
@@ -243,7 +241,7 @@ def divergence_fwd(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple
 @divergence_fwd.register_fake
 def _(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
     batch, seq, _ = x.shape
-    return x.new_empty((batch, seq), dtype=torch.float32), x.new_empty((batch, seq, 4), dtype=torch.float32)
+    return x.new_empty((batch, seq), dtype=torch.float32), x.new_empty((batch, seq, 4), dtype=torch.float64)
 
 
 @torch.library.custom_op("vppo_core::divergence_bwd", mutates_args=())
