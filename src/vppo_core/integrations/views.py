@@ -117,7 +117,8 @@ def no_image_inputs(
         >>> view, view_mask = no_image_inputs(model, batch, mask)
         >>> batch["input_ids"].shape[1] - view["input_ids"].shape[1]  # 4 image pads + start + end
         6
-        >>> processor.tokenizer.decode(view["input_ids"][view_mask])
+        >>> view_ids = view["input_ids"]
+        >>> processor.tokenizer.decode(view_ids[view_mask])
         'red'
     """
     ids = inputs["input_ids"]
@@ -560,8 +561,8 @@ def blind_image_inputs(model: Any, inputs: Mapping[str, Any]) -> dict[str, Any]:
         >>> other = dict(blind, pixel_values=torch.randn_like(batch["pixel_values"]))
         >>> with torch.no_grad():
         ...     a, b = model(**blind).logits, model(**other).logits
-        >>> text_positions = batch["mm_token_type_ids"][0] == 0
-        >>> torch.allclose(a[0, text_positions], b[0, text_positions])
+        >>> text_positions = batch["mm_token_type_ids"] == 0
+        >>> torch.allclose(a[text_positions], b[text_positions])
         True
     """
     if inputs.get("mm_token_type_ids") is None:
