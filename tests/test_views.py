@@ -327,3 +327,26 @@ def test_counterfactual_hook_restores_on_error(qwen2):
     short = {k: v[:, :5] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in batch.items()}
     with pytest.raises(ValueError, match="full forward passes only"), counterfactual_attention(model, short):
         model(**batch)
+
+
+def test_visual_similarity_from_model_hidden_states(qwen2):
+    from vppo_core.signals import visual_similarity
+
+    model, processor = qwen2
+    batch, mask = make_batch(processor)
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states  # embeddings + each layer
+    image = batch["mm_token_type_ids"] == 1
+    got = visual_similarity(states, image, mask)  # PEPO: pairwise, all layers
+    last = visual_similarity(states, image, mask, layers="last", mode="prototype")  # VGPO
+    for b, t in mask.nonzero().tolist():
+        img = image[b].nonzero().squeeze(-1)
+        pair = [
+            torch.nn.functional.cosine_similarity(h[b, t - 1].double()[None], h[b, img].double()).mean() for h in states
+        ]
+        proto = torch.nn.functional.cosine_similarity(
+            states[-1][b, t - 1].double(), states[-1][b, img].double().mean(0), 0
+        )
+        assert math.isclose(got[b, t].item(), sum(pair).item() / len(states), abs_tol=1e-5)
+        assert math.isclose(last[b, t].item(), proto.item(), abs_tol=1e-5)
+    assert (got[~mask] == 0).all()

@@ -999,7 +999,7 @@ def cgpo_rewards(
         >>> cgpo_rewards(torch.tensor([1.0, 0.0]), torch.tensor([True, False]), torch.tensor([0.8, 0.9]))
         tensor([1.4000, 0.0000])
     """
-    r = rewards.to(result_dtype(grounding) if rewards.dtype != torch.float64 else torch.float64)
+    r = rewards.to(result_dtype(rewards, grounding))
     return r + gamma * torch.where(as_bool_mask(correct, "correct"), grounding.to(r.dtype), 0.0)
 
 
