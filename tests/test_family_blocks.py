@@ -271,6 +271,8 @@ def test_selection_errors():
         topq_mask(s, m, q=0.5, process_group="world")
     with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):
         topq_mask(s, m, q=0.5, scope="batch", process_group="world")
+    with pytest.raises(ValueError, match="micro_batch_ids applies to scope='micro-batch' only, got scope='batch'"):
+        topq_mask(s, m, q=0.5, scope="batch", micro_batch_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
         tail_window_mask(m, fraction=0)
     with pytest.raises(ValueError, match="one weight per mask, got 2 masks and 1 weights"):

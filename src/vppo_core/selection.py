@@ -59,7 +59,15 @@ def kept_count(n_valid: Tensor, q: float, rounding: Rounding = "ceil") -> Tensor
     return torch.minimum(raw.clamp_min(1.0), n).to(torch.int64)
 
 
-def _check(q: float, scope: str, rounding: str, tie_break: str, generator: object, process_group: object) -> None:
+def _check(
+    q: float,
+    scope: str,
+    rounding: str,
+    tie_break: str,
+    generator: object,
+    process_group: object,
+    micro_batch_ids: object = None,
+) -> None:
     check_fraction("q", q)
     check_choice("scope", scope, SCOPES)
     check_choice("rounding", rounding, ("ceil", "floor"))
@@ -70,6 +78,8 @@ def _check(q: float, scope: str, rounding: str, tie_break: str, generator: objec
         )
     if process_group is not None and scope != "batch":
         raise ValueError(f"process_group pools over ranks and applies to scope='batch' only, got scope={scope!r}")
+    if micro_batch_ids is not None and scope != "micro-batch":
+        raise ValueError(f"micro_batch_ids applies to scope='micro-batch' only, got scope={scope!r}")
 
 
 class _Pooled:
@@ -201,7 +211,7 @@ def topq_mask(
         >>> int(topq_mask(s, torch.ones(2, 4), q=0.5, scope="batch", tie_break="random", generator=g).sum())
         4
     """
-    _check(q, scope, rounding, tie_break, generator, process_group)
+    _check(q, scope, rounding, tie_break, generator, process_group, micro_batch_ids)
     pooled = _Pooled(scores, response_mask, scope, micro_batch_ids, process_group)
     order, start, n_valid = _sorted(pooled, tie_break if exact else "position", generator)
     n_keep = kept_count(n_valid, q, rounding)
@@ -269,7 +279,7 @@ def topq_threshold(
         >>> topq_threshold(s, torch.ones(2, 3), q=0.3)  # ceil(0.3 * 6) = 2nd largest
         tensor([1., 1.])
     """
-    _check(q, scope, rounding, "position", None, process_group)
+    _check(q, scope, rounding, "position", None, process_group, micro_batch_ids)
     pooled = _Pooled(scores, response_mask, scope, micro_batch_ids, process_group)
     order, start, n_valid = _sorted(pooled, "position", None)
     per_entry = _thresholds(pooled, order, start, kept_count(n_valid, q, rounding))[pooled.seg]
