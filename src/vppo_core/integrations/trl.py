@@ -7,7 +7,7 @@ gradient accumulation, logging, vLLM or ``generate``) and changes two stages:
    ``steps_per_generation * num_iterations`` steps, under ``no_grad``, with the policy that sampled
    the completions): perturb the images (random patch blackening by default), run the model on
    the real and the perturbed images, get each completion token's visual dependency $S_t$
-   ([`token_dependency`][vppo_core.integrations.transformers.token_dependency]: the exact KL of VPPO's Eq. 3; or the
+   (``vppo_core.integrations.transformers.token_dependency``: the exact KL of VPPO's Eq. 3; or the
    VPPO-RL code's sampled $k_3$ estimate), then
 
    - TAS: multiply TRL's advantages by [`advantage_factors`][vppo_core.advantage_factors]. Its min, max and mean are
@@ -55,7 +55,8 @@ kept token, as TRL applies it to each token.
 
 With ``dependency="kl"`` the scoring pass reads the output embedding directly, so it needs the full
 parameters on each process (single device, DDP, DeepSpeed ZeRO-1/2); with FSDP or ZeRO-3 use
-``dependency="sampled"``, which runs TRL's own forward pass.
+``dependency="sampled"``, which runs TRL's own forward pass. The ``"kl"`` pass runs in the model's own
+dtype, outside the autocast that TRL's passes run under (``GRPOConfig`` defaults to ``bf16=True``).
 
 Requires the ``trl`` extra (``trl``, with ``transformers``). Without TRL this module still imports,
 and constructing :class:`VPPOTrainer` raises ``ImportError``.
