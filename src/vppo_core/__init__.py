@@ -5,7 +5,7 @@ Trajectory-level Advantage Shaping (TAS) and Token-level Gradient Filtering (TGF
 surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
-from . import recipes
+from . import factors, family, recipes, selection, signals, transforms
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .distributed import LossDenominators, loss_denominators
@@ -41,6 +41,8 @@ __all__ = [
     "cispo_surrogate",
     "clipped_surrogate",
     "double_entropy_loss",
+    "factors",
+    "family",
     "grpo_advantages",
     "gspo_loss",
     "gspo_surrogate",
@@ -55,12 +57,15 @@ __all__ = [
     "recipes",
     "sampled_perception_loss",
     "sampled_visual_dependency",
+    "selection",
     "shape_advantages",
+    "signals",
     "token_entropy",
     "token_filter_mask",
     "topk_entropy_mask",
     "topk_token_mask",
     "trajectory_dependency",
+    "transforms",
     "visual_dependency",
     "visual_dependency_from_hidden",
     "vppo_loss",

@@ -78,7 +78,8 @@ class RolloutBatch(NamedTuple):
     advantages: Tensor
     """Advantages, ``[batch]`` or ``[batch, seq]``, detached from the signals that shaped them."""
     token_mask: Tensor | None
-    """Bool ``[batch, seq]`` mask of the tokens that carry gradient, or ``None`` for all valid tokens."""
+    """Bool ``[batch, seq]`` mask of the tokens that carry gradient, float ``[batch, seq]`` token weights
+    (e.g. ToR's), or ``None`` for all valid tokens."""
 
 
 class PAPOOutput(NamedTuple):
