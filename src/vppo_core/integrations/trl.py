@@ -317,8 +317,9 @@ class VPPOTrainer(GRPOTrainer):
         dep_sum, kept, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         metrics["vppo/dependency_mean"].append(dep_sum / max(total, 1.0))
         metrics["vppo/kept_frac"].append(kept / max(total, 1.0))
-        trajectory_factors = torch.where(valid.any(-1), factors, float("nan"))
-        gathered = self.accelerator.gather(trajectory_factors)
+        trajectory_factors = torch.where(valid.any(-1), factors, float("nan"))  # NaN: no valid token, or padding
+        padded = self.accelerator.pad_across_processes(trajectory_factors, pad_index=float("nan"))
+        gathered = self.accelerator.gather(padded)
         gathered = gathered[~gathered.isnan()]
         if gathered.numel():
             metrics["vppo/tas_factor_min"].append(gathered.min().item())
