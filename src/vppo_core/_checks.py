@@ -1,6 +1,6 @@
 """Argument checks shared by the public layer.
 
-Shapes and dtypes are checked by jaxtyping + beartype through :func:`typechecked`; this module holds
+Shapes and dtypes are checked by jaxtyping + beartype through `typechecked`; this module holds
 the checks that annotations cannot express (value ranges, option names) and the conventions every
 public function follows (mask conversion, result dtype). Nothing here syncs the host with a device.
 """

@@ -1,6 +1,6 @@
 """Segment (group) reductions over a batch, vectorised and without host syncs.
 
-``group_ids`` may hold any integers. :func:`dense_ids` maps them to ``0 .. n_groups - 1`` by a
+``group_ids`` may hold any integers. `dense_ids` maps them to ``0 .. n_groups - 1`` by a
 stable sort (no ``torch.unique``, whose output size would need a device sync); buffers are sized by
 the batch, an upper bound on the number of groups, so every shape is known without reading data.
 """

@@ -70,10 +70,10 @@ def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
 
 
 class LossDenominators(NamedTuple):
-    """Global counts to pass to :func:`vppo_core.vppo_loss` / :func:`vppo_core.aggregate`.
+    """Global counts to pass to `vppo_core.vppo_loss` / `vppo_core.aggregate`.
 
     Each is a 0-d float tensor, already divided by the world size when gradients are averaged over
-    ranks (see :func:`loss_denominators`).
+    ranks (see `loss_denominators`).
     """
 
     num_tokens: Tensor

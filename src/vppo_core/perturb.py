@@ -6,15 +6,15 @@ $\mathrm{KL}(\pi(\cdot\mid s_t, I)\,\|\,\pi(\cdot\mid s_t, I'))$, where $I'$ is 
 (Table 11) replace blackening by Gaussian noise ($\sigma = 189$ grey levels), Gaussian blur (radius 6)
 or a uniform grey image (128, 128, 128). Every perturbation comes in three forms:
 
-- on a ``[batch, channels, height, width]`` tensor (``uint8`` or float images): :func:`blacken_patches`,
-  :func:`gaussian_noise`, :func:`gaussian_blur`, :func:`mask_image`;
+- on a ``[batch, channels, height, width]`` tensor (``uint8`` or float images): `blacken_patches`,
+  `gaussian_noise`, `gaussian_blur`, `mask_image`;
 - on PIL images (what a processor reads; the VPPO-RL code perturbs here):
-  :func:`blacken_patches_pil`, :func:`gaussian_noise_pil`, :func:`gaussian_blur_pil`, :func:`mask_image_pil`;
+  `blacken_patches_pil`, `gaussian_noise_pil`, `gaussian_blur_pil`, `mask_image_pil`;
 - on a Qwen-VL processor's output ``pixel_values`` + ``image_grid_thw``, so the processor need not run
-  twice: :func:`blacken_patches_pixel_values`, :func:`gaussian_noise_pixel_values`,
-  :func:`gaussian_blur_pixel_values`, :func:`mask_pixel_values`. These act in pixel space: each
+  twice: `blacken_patches_pixel_values`, `gaussian_noise_pixel_values`,
+  `gaussian_blur_pixel_values`, `mask_pixel_values`. These act in pixel space: each
   perturbs the normalised image exactly as perturbing the image before the processor would (black
-  becomes $(0 - \mu_c)/\sigma_c$), described by a :class:`PixelLayout`.
+  becomes $(0 - \mu_c)/\sigma_c$), described by a `PixelLayout`.
 
 All functions are pure: they never modify their input, and the random ones draw only from the
 ``torch.Generator`` they are given (never the global RNG), so a seed reproduces a perturbation.
@@ -73,7 +73,7 @@ class PixelLayout(NamedTuple):
     (the ``m x m`` patches that merge into one LLM token are consecutive), and its row holds the
     pixels in ``(channel, time, y, x)`` order: ``channels * temporal_patch_size * patch_size**2`` values.
     Images follow each other in ``image_grid_thw`` order. Qwen3-VL uses ``patch_size=16`` and
-    ``image_mean = image_std = (0.5, 0.5, 0.5)``; :meth:`from_processor` reads all fields.
+    ``image_mean = image_std = (0.5, 0.5, 0.5)``; `from_processor` reads all fields.
 
     Attributes:
         patch_size: The ViT patch side in pixels (14; Qwen3-VL 16).
@@ -260,7 +260,7 @@ def blacken_patches(
     Draws: ``torch.rand`` of ``batch * rows * cols`` numbers from ``generator`` (on its device),
     image-major, patches in row-major order; patch ``(i, j)`` of image ``b`` is blackened iff its number
     is ``< p``. So the same generator state gives the same patches for a batch, a list of the same PIL
-    images, and their Qwen ``pixel_values`` (:func:`blacken_patches_pixel_values`, aligned patches).
+    images, and their Qwen ``pixel_values`` (`blacken_patches_pixel_values`, aligned patches).
 
     Shapes:
         - ``images``: ``[batch, channels, height, width]``, ``uint8`` or float
@@ -356,7 +356,7 @@ def gaussian_blur(images: Images, *, radius: float = 6.0) -> Images:
 
     A separable kernel $\propto e^{-x^2/(2r^2)}$ truncated at $\lceil 3r\rceil$ pixels, normalised to sum
     1, with edge pixels replicated; each channel is blurred alone. Pillow's ``GaussianBlur`` (what
-    :func:`gaussian_blur_pil` and the VPPO-RL code use) approximates the same filter with box blurs.
+    `gaussian_blur_pil` and the VPPO-RL code use) approximates the same filter with box blurs.
     ``radius=0`` returns a copy.
 
     Shapes:
@@ -469,12 +469,12 @@ def _map_pil(images: Any, fn: Any) -> Any:
 
 
 def blacken_patches_pil(images: Any, *, generator: torch.Generator, patch_size: int = 14, p: float = 0.5) -> Any:
-    """:func:`blacken_patches` for PIL images: one image or a list (a fresh draw per image).
+    """`blacken_patches` for PIL images: one image or a list (a fresh draw per image).
 
-    Same patches as :func:`blacken_patches` on the stacked images for the same generator state (all
+    Same patches as `blacken_patches` on the stacked images for the same generator state (all
     draws are made at once, image after image). The VPPO-RL code perturbs here, before the processor
     resizes the image, so its 14-pixel grid need not line up with the ViT's patches; perturb the
-    processor's output with :func:`blacken_patches_pixel_values` to line them up. An alpha band is
+    processor's output with `blacken_patches_pixel_values` to line them up. An alpha band is
     kept as is.
 
     Args:
@@ -512,9 +512,9 @@ def blacken_patches_pil(images: Any, *, generator: torch.Generator, patch_size: 
 
 
 def gaussian_noise_pil(images: Any, *, generator: torch.Generator, sigma: float = 189.0) -> Any:
-    """:func:`gaussian_noise` for PIL images (one or a list), ``sigma`` in grey levels; alpha kept.
+    """`gaussian_noise` for PIL images (one or a list), ``sigma`` in grey levels; alpha kept.
 
-    Draws the same numbers as :func:`gaussian_noise` on the stacked images.
+    Draws the same numbers as `gaussian_noise` on the stacked images.
 
     Args:
         images: A ``PIL.Image.Image`` (mode L, LA, RGB or RGBA) or a list of them; not modified.
@@ -548,7 +548,7 @@ def gaussian_blur_pil(images: Any, *, radius: float = 6.0) -> Any:
     """Pillow's ``ImageFilter.GaussianBlur(radius)`` on one image or a list: exactly the VPPO-RL ablation.
 
     Pillow approximates the Gaussian (std ``radius``) with repeated box blurs, so results differ
-    slightly from :func:`gaussian_blur`; every band, alpha included, is blurred.
+    slightly from `gaussian_blur`; every band, alpha included, is blurred.
 
     Args:
         images: A ``PIL.Image.Image`` or a list of them; not modified.
@@ -579,7 +579,7 @@ def gaussian_blur_pil(images: Any, *, radius: float = 6.0) -> Any:
 
 
 def mask_image_pil(images: Any, *, value: float | Sequence[float] = 128.0) -> Any:
-    """:func:`mask_image` for PIL images: a uniform colour (default grey 128) of the same size; alpha kept.
+    """`mask_image` for PIL images: a uniform colour (default grey 128) of the same size; alpha kept.
 
     Args:
         images: A ``PIL.Image.Image`` (mode L, LA, RGB or RGBA) or a list of them.
@@ -644,7 +644,7 @@ def _unpatchify(rows: Tensor, t: int, h: int, w: int, layout: PixelLayout) -> Te
 
 
 def _patchify(frames: Tensor, layout: PixelLayout) -> Tensor:
-    """``[t, temporal, channels, H, W]`` -> rows in the processor's order (inverse of :func:`_unpatchify`)."""
+    """``[t, temporal, channels, H, W]`` -> rows in the processor's order (inverse of `_unpatchify`)."""
     m, p = layout.merge_size, layout.patch_size
     t, tp, c, height, width = frames.shape
     h, w = height // p, width // p
@@ -677,7 +677,7 @@ def pixel_values_to_images(
     """Undo the Qwen-VL patch layout: the normalised images, ``[t * temporal, C, h * patch, w * patch]`` each.
 
     An image (``t = 1``) comes back as ``temporal_patch_size`` identical frames. See
-    :class:`PixelLayout` for the layout.
+    `PixelLayout` for the layout.
 
     Shapes:
         - ``pixel_values``: ``[patches, channels * temporal * patch * patch]``
@@ -714,7 +714,7 @@ def images_to_pixel_values(
     images: Sequence[Float[Tensor, "_frames channels _height _width"]],
     layout: PixelLayout,
 ) -> tuple[Float[Tensor, "patches features"], Integer[Tensor, "images 3"]]:
-    """Lay out normalised images as a Qwen-VL processor does: the inverse of :func:`pixel_values_to_images`.
+    """Lay out normalised images as a Qwen-VL processor does: the inverse of `pixel_values_to_images`.
 
     Args:
         images: One ``[frames, channels, height, width]`` tensor per image; ``frames`` a multiple of
@@ -764,17 +764,17 @@ def blacken_patches_pixel_values(
 ) -> Float[Tensor, "patches features"]:
     r"""Blacken random square patches of the images inside a Qwen-VL processor's ``pixel_values``.
 
-    Equivalent to :func:`blacken_patches` on each (resized) image followed by the processor: a
+    Equivalent to `blacken_patches` on each (resized) image followed by the processor: a
     blackened pixel becomes the normalised black $(0 - \mu_c)/\sigma_c$ in every temporal copy, so the
     perturbed ``pixel_values`` can go straight to the model. Patches are cut from the resized image's
     top-left corner. With the default ``patch_size=None`` they are the ViT's own patches
     (``layout.patch_size``: 14 for Qwen2/2.5-VL, 16 for Qwen3-VL), so each blackened patch is exactly
-    one row of ``pixel_values`` (see :class:`PixelLayout` for which); pass ``patch_size=14`` to apply
+    one row of ``pixel_values`` (see `PixelLayout` for which); pass ``patch_size=14`` to apply
     the paper's fixed 14-pixel grid to Qwen3-VL (patches then straddle rows; edge patches are cropped
-    as in :func:`blacken_patches`).
+    as in `blacken_patches`).
 
     Draws: one ``torch.rand`` of $\sum_i \lceil H_i/s\rceil\lceil W_i/s\rceil$ numbers, image after image,
-    patches row-major: the same patches as :func:`blacken_patches` / :func:`blacken_patches_pil` on
+    patches row-major: the same patches as `blacken_patches` / `blacken_patches_pil` on
     the processor's resized images with the same generator state. For a video grid (``t > 1``) one
     mask covers all its frames.
 
@@ -796,7 +796,7 @@ def blacken_patches_pixel_values(
 
     Raises:
         ValueError: If the shapes do not fit the layout, ``patch_size < 1`` or ``p`` is outside ``[0, 1]``.
-        TypeError: If ``generator`` is not a ``torch.Generator`` or ``layout`` not a :class:`PixelLayout`.
+        TypeError: If ``generator`` is not a ``torch.Generator`` or ``layout`` not a `PixelLayout`.
 
     Example:
         >>> import torch
@@ -837,7 +837,7 @@ def gaussian_noise_pixel_values(
 
     In normalised units the noise of channel $c$ has std $\sigma\cdot r/\sigma_c$ ($r$ the rescale factor,
     1/255) and the result is clipped to $[(0-\mu_c)/\sigma_c,\ (255r-\mu_c)/\sigma_c]$: the same as
-    :func:`gaussian_noise` before the processor, without the rounding to ``uint8``. The noise is
+    `gaussian_noise` before the processor, without the rounding to ``uint8``. The noise is
     drawn once per image (``[t, channels, H, W]`` normals, image after image) and shared by its
     temporal copies, as the processor copies the noisy image.
 
@@ -894,7 +894,7 @@ def gaussian_blur_pixel_values(
     *,
     radius: float = 6.0,
 ) -> Float[Tensor, "patches features"]:
-    """:func:`gaussian_blur` on the images inside ``pixel_values`` (radius in pixels of the resized image).
+    """`gaussian_blur` on the images inside ``pixel_values`` (radius in pixels of the resized image).
 
     The blur is linear with weights summing to 1 and replicated edges, so blurring the normalised
     image equals normalising the blurred image (up to the ``uint8`` rounding a blur before the

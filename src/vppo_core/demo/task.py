@@ -2,7 +2,7 @@
 
 Each image shows one circle and, optionally, distractor shapes (squares, triangles) in other colours,
 on a light background at random positions and sizes. The circle's colour is uniform over
-:data:`COLOURS`, so a policy that ignores the image cannot beat ``1 / len(COLOURS)``.
+`COLOURS`, so a policy that ignores the image cannot beat ``1 / len(COLOURS)``.
 
 The reference response is ``"the circle is <colour> ."``: three tokens fixed by the format, one that
 depends on the image, and the end-of-turn token, which makes the sparsity of visual dependency easy

@@ -178,7 +178,7 @@ def tiny_tokenizer(words: Sequence[str] = DEFAULT_WORDS) -> PreTrainedTokenizerF
     """A word-level tokenizer over ``words`` plus the Qwen special tokens.
 
     Text is lower-cased, split on whitespace and punctuation, and numbers are split into single
-    digits; a word outside the list becomes ``<unk>``. Ids: the :data:`SPECIAL_TOKENS` first
+    digits; a word outside the list becomes ``<unk>``. Ids: the `SPECIAL_TOKENS` first
     (``<|endoftext|>`` = 0 is the padding token, ``<|im_end|>`` = 2 the eos), then ``words`` in order
     (duplicates dropped). Decoding joins tokens with spaces. Padding side is ``"left"`` (what
     ``generate`` wants); set ``tokenizer.padding_side = "right"`` for training batches if you prefer.
@@ -296,16 +296,16 @@ def tiny_processor(
     min_pixels: int | None = None,
     max_pixels: int = 112 * 112,
 ) -> TinyQwenVLProcessor:
-    """A processor for a tiny Qwen-VL model: :func:`tiny_image_processor` + :func:`tiny_tokenizer`.
+    """A processor for a tiny Qwen-VL model: `tiny_image_processor` + `tiny_tokenizer`.
 
     Args:
         family: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"`` (sets patch size and normalisation).
         words: The tokenizer's vocabulary besides the special tokens.
-        min_pixels: See :func:`tiny_image_processor`.
-        max_pixels: See :func:`tiny_image_processor`.
+        min_pixels: See `tiny_image_processor`.
+        max_pixels: See `tiny_image_processor`.
 
     Returns:
-        A :class:`TinyQwenVLProcessor` with :data:`TINY_CHAT_TEMPLATE`.
+        A `TinyQwenVLProcessor` with `TINY_CHAT_TEMPLATE`.
 
     Example:
         >>> from PIL import Image
@@ -459,7 +459,7 @@ def tiny_qwen_vl(
 
     Args:
         family: ``"qwen2_vl"``, ``"qwen2_5_vl"`` or ``"qwen3_vl"``.
-        tokenizer: The tokenizer the model will read (default :func:`tiny_tokenizer`).
+        tokenizer: The tokenizer the model will read (default `tiny_tokenizer`).
         seed: Seed of the weight initialisation.
         dtype: Parameter dtype (float32 or bfloat16 are tested).
         tie_word_embeddings: Share the input embedding and the output projection.

@@ -1,18 +1,18 @@
 r"""Per-token log-probabilities and visual dependency from a Hugging Face vision-language model.
 
-:func:`token_dependency` runs a ``*ForConditionalGeneration`` VLM twice on a batch of
+`token_dependency` runs a ``*ForConditionalGeneration`` VLM twice on a batch of
 prompt + response sequences, once with the real image (in the caller's grad mode, so the same
 forward can feed the policy loss) and once with a perturbed image (under ``no_grad``), and returns,
 for every response token $o_t$,
 
 - $\log\pi(o_t\mid s_t, I)$ and $\log\pi(o_t\mid s_t, I')$ at temperature $T$, and
 - the exact visual dependency $\mathrm{KL}(\pi(\cdot\mid s_t, I)\,\|\,\pi(\cdot\mid s_t, I'))$ (VPPO Eq. 3),
-  computed from the two final hidden states with :func:`vppo_core.visual_dependency_from_hidden`, so
+  computed from the two final hidden states with `vppo_core.visual_dependency_from_hidden`, so
   ``[batch, seq, vocab]`` logits are never built (only ``[response tokens, vocab]`` chunks).
 
-:func:`token_logprobs` is the single-pass version (old / reference / current policy log-probs);
-:func:`rollout_inputs` turns a prompt batch and ``generate``'s output into the model inputs and
-response mask these functions read; :func:`response_mask_from_prompt_lengths` builds a response mask
+`token_logprobs` is the single-pass version (old / reference / current policy log-probs);
+`rollout_inputs` turns a prompt batch and ``generate``'s output into the model inputs and
+response mask these functions read; `response_mask_from_prompt_lengths` builds a response mask
 for batches tokenised as whole prompt + response texts.
 
 Conventions, shared by all functions:
@@ -50,7 +50,7 @@ __all__ = [
 
 
 class TokenDependency(NamedTuple):
-    """Per-token results of :func:`token_dependency`, each ``[batch, seq]`` aligned with ``input_ids``.
+    """Per-token results of `token_dependency`, each ``[batch, seq]`` aligned with ``input_ids``.
 
     Attributes:
         logprobs: $\\log\\pi(o_t\\mid I)$ of the sequence's tokens under the real image, at the given
@@ -246,7 +246,7 @@ def token_dependency(
     $$
 
     $S_t$ being VPPO's token visual dependency (Huang et al., 2025, arXiv:2510.09285, Eq. 3), computed
-    by :func:`vppo_core.visual_dependency_from_hidden` on detached hidden states. Only response
+    by `vppo_core.visual_dependency_from_hidden` on detached hidden states. Only response
     positions are projected to the vocabulary, ``chunk_size`` tokens at a time for the dependency.
     The paper scores tokens with the old (rollout) policy: call this under ``torch.no_grad()`` once per
     rollout batch, and use ``logprobs`` as the old log-probabilities. Called in grad mode instead,
@@ -262,13 +262,13 @@ def token_dependency(
         inputs: The processor's output for whole prompt + response sequences, with the real
             ``pixel_values``; left or right padding.
         perturbed_pixel_values: The perturbed image(s), same layout
-            (:func:`vppo_core.perturb.blacken_patches_pixel_values`, or the processor run on perturbed images).
+            (`vppo_core.perturb.blacken_patches_pixel_values`, or the processor run on perturbed images).
         response_mask: True at the positions of response tokens in ``input_ids``.
         temperature: The sampling temperature $T > 0$ of the rollouts.
         chunk_size: Tokens per vocabulary-projection chunk of the dependency.
 
     Returns:
-        A :class:`TokenDependency` of float32 tensors (float64 for a float64 model).
+        A `TokenDependency` of float32 tensors (float64 for a float64 model).
 
     Raises:
         ValueError: If ``inputs`` has no ``pixel_values`` or its shape differs from
@@ -388,7 +388,7 @@ def rollout_inputs(
     *,
     eos_token_id: int | Sequence[int],
 ) -> tuple[dict[str, Any], Tensor]:
-    """Model inputs and response mask for ``generate``'s output, ready for :func:`token_dependency`.
+    """Model inputs and response mask for ``generate``'s output, ready for `token_dependency`.
 
     ``model.generate(**prompt_inputs)`` returns ``sequences = [prompt_ids | generated]``: the
     (left-padded) prompt of width ``P`` followed by the generated tokens, padded after each row's

@@ -1,6 +1,6 @@
-r"""VPPO inside TRL's ``GRPOTrainer``: :class:`VPPOTrainer`, a subclass that swaps in VPPO's blocks.
+r"""VPPO inside TRL's ``GRPOTrainer``: `VPPOTrainer`, a subclass that swaps in VPPO's blocks.
 
-:class:`VPPOTrainer` keeps everything TRL does (sampling, rewards, GRPO advantages, batching,
+`VPPOTrainer` keeps everything TRL does (sampling, rewards, GRPO advantages, batching,
 gradient accumulation, logging, vLLM or ``generate``) and changes two stages:
 
 1. **Per generation batch** (TRL's ``_generate_and_score_completions``, once per
@@ -59,7 +59,7 @@ parameters on each process (single device, DDP, DeepSpeed ZeRO-1/2); with FSDP o
 dtype, outside the autocast that TRL's passes run under (``GRPOConfig`` defaults to ``bf16=True``).
 
 Requires the ``trl`` extra (``trl``, with ``transformers``). Without TRL this module still imports,
-and constructing :class:`VPPOTrainer` raises ``ImportError``.
+and constructing `VPPOTrainer` raises ``ImportError``.
 """
 
 import itertools
