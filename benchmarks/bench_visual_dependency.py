@@ -1,0 +1,242 @@
+"""Benchmarks of visual_dependency's backends at Qwen2.5-VL sizes (pytest-benchmark; no timed asserts).
+
+Run ``python benchmarks/run.py`` (it writes ``benchmarks/RESULTS.md``) or
+``python -m pytest benchmarks/bench_visual_dependency.py --benchmark-json=out.json``.
+
+Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
+
+- ``naive``: ``log_softmax`` of both inputs, then ``kl_div``, in the input dtype (what a user writes);
+- ``torch``, ``compile``, ``triton``: ``visual_dependency(..., backend=...)`` (``auto`` is ``compile``
+  on the CPU at these sizes and ``triton`` on CUDA);
+- ``compile+bwd``, ``triton+bwd``: forward and backward w.r.t. both inputs (KL as a loss);
+- ``liger`` (CUDA, if installed): ``log_softmax`` of both, then Liger-Kernel's ``LigerKLDIVLoss``;
+- ``exp-floor``: a reference, not a provider: a compiled ``sum(exp2(x)) + sum(exp2(y))``, the least
+  arithmetic any exact method does (two exponentials per vocabulary entry).
+
+Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]`` weight:
+``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
+materialising the logits, nothing else).
+
+Reported per row (``extra_info``): effective GB/s (bytes of both inputs read once / best time), the
+fraction of the bandwidth measured in the same session, and the peak extra memory of one call (see
+``conftest.py``). Sizes: ``VPPO_BENCH_TOKENS`` (default ``512,2048,8192``) and
+``VPPO_BENCH_HIDDEN_TOKENS`` (default ``512`` on CPU, ``2048`` on CUDA); a size is skipped when its
+inputs and the provider's temporaries would not fit in the available memory.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import GiB, device, peak_extra_bytes, sync
+from vppo_core import kernels, visual_dependency, visual_dependency_from_hidden
+
+VOCAB = 151_936
+HIDDEN = 3_584
+DEV = device()
+CUDA = DEV.type == "cuda"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _env_ints(name: str, default: str) -> list[int]:
+    return [int(v) for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+TOKENS = _env_ints("VPPO_BENCH_TOKENS", "512,2048,8192")
+HIDDEN_TOKENS = _env_ints("VPPO_BENCH_HIDDEN_TOKENS", "2048" if CUDA else "512")
+
+
+def available_bytes() -> int:
+    if CUDA:
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def naive(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logp, logq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
+
+
+@functools.cache
+def _liger() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    loss = LigerKLDIVLoss(reduction="none", log_target=True)
+    return lambda x, y: loss(torch.log_softmax(y, -1), torch.log_softmax(x, -1))
+
+
+@functools.cache
+def _exp_floor() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def floor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.exp2(x.float()).sum(-1) + torch.exp2(y.float()).sum(-1)
+
+    return torch.compile(floor, dynamic=True)
+
+
+def _with_backward(backend: str) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+        x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        dep = visual_dependency(x, y, backend=backend)
+        return torch.autograd.grad(dep.sum(), (x, y))
+
+    return run
+
+
+PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
+    "naive": naive,
+    "torch": lambda x, y: visual_dependency(x, y, backend="torch"),
+    "compile": lambda x, y: visual_dependency(x, y, backend="compile"),
+    "compile+bwd": _with_backward("compile"),
+    "triton": lambda x, y: visual_dependency(x, y, backend="triton"),
+    "triton+bwd": _with_backward("triton"),
+    "liger": lambda x, y: _liger()(x, y),
+    "exp-floor": lambda x, y: _exp_floor()(x, y),
+}
+GPU_ONLY = {"triton", "triton+bwd", "liger"}
+CPU_ONLY: set[str] = set()
+
+
+def extra_bytes_estimate(provider: str, tokens: int, dtype: torch.dtype) -> int:
+    """Inputs plus the provider's temporaries (for skipping sizes that cannot fit)."""
+    one = tokens * VOCAB
+    inputs = 2 * one * torch.finfo(dtype).bits // 8
+    if provider in ("naive", "liger"):
+        return inputs + 6 * one * 4  # two float32 upcasts, two log_softmax outputs, kl_div's output, ...
+    if provider.endswith("+bwd"):
+        return 2 * inputs + 2 * one * 4 // 8
+    return inputs + inputs // 8
+
+
+_CACHE: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def inputs(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with a realistic spread (std 3) and a perturbed copy; one size is kept at a time."""
+    key = (tokens, dtype)
+    if key not in _CACHE:
+        _CACHE.clear()
+        g = torch.Generator(device=DEV).manual_seed(0)
+        x = torch.randn(tokens, VOCAB, generator=g, device=DEV).mul_(3.0)
+        y = torch.randn(tokens, VOCAB, generator=g, device=DEV).add_(x)
+        _CACHE[key] = (x.to(dtype), y.to(dtype))
+        del x, y
+    return _CACHE[key]
+
+
+def _rounds(seconds_per_call: float) -> int:
+    return max(2, min(10, math.ceil(6.0 / max(seconds_per_call, 1e-3))))
+
+
+def _run(benchmark: Any, fn: Callable[[], Any], nbytes: int, bandwidth: dict[str, float], ref_bytes: int) -> None:
+    sync()
+    import time
+
+    t = time.perf_counter()
+    fn()  # first call: includes compilation for the compiled providers
+    sync()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    fn()
+    sync()
+    second = time.perf_counter() - t
+    peak = peak_extra_bytes(fn)
+
+    def timed() -> None:
+        fn()
+        sync()
+
+    benchmark.pedantic(timed, rounds=_rounds(second), iterations=1, warmup_rounds=0)
+    best = benchmark.stats.stats.min
+    gbps = nbytes / best / 1e9
+    benchmark.extra_info.update(
+        {
+            "device": DEV.type,
+            "first_call_s": round(first, 3),
+            "bytes": nbytes,
+            "GBps": round(gbps, 2),
+            "frac_read_bw": round(gbps / bandwidth["read_GBps"], 3),
+            "floor_s": round(nbytes / bandwidth["read_GBps"] / 1e9, 4),
+            "peak_extra_bytes": peak,
+            "peak_extra_frac": None if peak is None else round(peak / ref_bytes, 5),
+        }
+    )
+
+
+CASES = [
+    (tokens, dname, provider)
+    for tokens in TOKENS
+    for dname in DTYPES
+    for provider in PROVIDERS
+    if not (provider in GPU_ONLY and not CUDA) and not (provider in CPU_ONLY and CUDA)
+]
+
+
+@pytest.mark.parametrize(("tokens", "dtype_name", "provider"), CASES, ids=[f"{t}-{d}-{p}" for t, d, p in CASES])
+def test_logits(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_name: str, provider: str) -> None:
+    dtype = DTYPES[dtype_name]
+    if provider == "liger":
+        pytest.importorskip("liger_kernel")
+    need = extra_bytes_estimate(provider, tokens, dtype)
+    if need > 0.85 * (available_bytes() + (2 * tokens * VOCAB * dtype.itemsize if (tokens, dtype) in _CACHE else 0)):
+        pytest.skip(f"needs ~{need / GiB:.1f} GiB, more than this machine has available")
+    if provider in ("compile", "compile+bwd"):
+        assert kernels.resolve_backend("auto", torch.empty(tokens, VOCAB, dtype=dtype, device="meta")) in (
+            "compile",
+            "triton",
+        )
+    x, y = inputs(tokens, dtype)
+    fn = PROVIDERS[provider]
+    benchmark.group = f"logits {tokens}x{VOCAB} {dtype_name}"
+    benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider})
+    nbytes = 2 * x.numel() * x.element_size()
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+
+
+# ----------------------------------------------------------------------------- logit-free path
+
+HIDDEN_CASES = [(t, d, p) for t in HIDDEN_TOKENS for d in DTYPES for p in ("matmul", "hidden")]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dtype_name", "provider"), HIDDEN_CASES, ids=[f"{t}-{d}-{p}" for t, d, p in HIDDEN_CASES]
+)
+def test_logit_free(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_name: str, provider: str) -> None:
+    dtype = DTYPES[dtype_name]
+    logits_bytes = 2 * tokens * VOCAB * dtype.itemsize
+    weight_bytes = VOCAB * HIDDEN * dtype.itemsize
+    need = weight_bytes + (logits_bytes if provider == "matmul" else logits_bytes // 4)
+    if need > 0.85 * available_bytes():
+        pytest.skip(f"needs ~{need / GiB:.1f} GiB, more than this machine has available")
+    _CACHE.clear()
+    g = torch.Generator(device=DEV).manual_seed(0)
+    w = (torch.randn(VOCAB, HIDDEN, generator=g, device=DEV) / HIDDEN**0.5).to(dtype)
+    hx = torch.randn(tokens, HIDDEN, generator=g, device=DEV).to(dtype)
+    hy = (hx.float() + 0.3 * torch.randn(tokens, HIDDEN, generator=g, device=DEV)).to(dtype)
+    if provider == "matmul":
+
+        def fn() -> Any:
+            return hx @ w.T, hy @ w.T
+    else:
+
+        def fn() -> Any:
+            return visual_dependency_from_hidden(hx, hy, w)
+
+    benchmark.group = f"logit-free {tokens}x{HIDDEN}x{VOCAB} {dtype_name}"
+    benchmark.extra_info.update(
+        {"tokens": tokens, "vocab": VOCAB, "hidden": HIDDEN, "dtype": dtype_name, "provider": provider}
+    )
+    _run(benchmark, fn, logits_bytes, bandwidth, ref_bytes=logits_bytes)

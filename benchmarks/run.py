@@ -1,0 +1,226 @@
+"""Run the visual_dependency benchmarks and write ``benchmarks/RESULTS.md``.
+
+    python benchmarks/run.py                      # this machine's device; then render RESULTS.md
+    python benchmarks/run.py --tokens 512,2048    # fewer sizes
+    python benchmarks/run.py --render-only        # re-render from the saved JSON files
+
+Raw pytest-benchmark JSON is kept per device in ``benchmarks/results/{cpu,cuda}.json``, so a GPU run
+adds its section without discarding the CPU numbers (and vice versa). Timings on a shared machine
+are noisy: the load average at the start and end of the run is recorded beside them.
+"""
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MiB = 2**20
+
+TARGETS_CPU = {"fp32": 8.0, "bf16": 15.0}  # auto at 2048 x 151936 vs naive, from the issue
+
+
+def run(device: str, tokens: str | None, hidden_tokens: str | None, extra: list[str]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{device}.json"
+    env = dict(os.environ)
+    if tokens:
+        env["VPPO_BENCH_TOKENS"] = tokens
+    if hidden_tokens:
+        env["VPPO_BENCH_HIDDEN_TOKENS"] = hidden_tokens
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(HERE.parent / ".cache" / "inductor"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "bench_visual_dependency.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        f"--benchmark-json={out}",
+        "--benchmark-columns=min,median,rounds",
+        "--benchmark-sort=name",
+        *extra,
+    ]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=HERE.parent, env=env, check=True)
+    return out
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.1f}"
+
+
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / MiB:,.1f}"
+
+
+def _pct(f: float | None) -> str:
+    return "n/a" if f is None else f"{100 * f:.2f}%"
+
+
+def render_device(data: dict[str, Any]) -> list[str]:
+    m = data.get("vppo_machine", {})
+    rows = [b for b in data["benchmarks"]]
+    lines = [
+        f"Run of {data.get('datetime', '?')[:19]} UTC.",
+        "",
+        f"- Device: {m.get('gpu') or m.get('cpu', '?')}; {m.get('cpus', '?')} CPU cores, torch threads "
+        f"{m.get('threads', '?')}, {m.get('mem_total_GiB', '?')} GiB RAM",
+        f"- Software: {m.get('platform', '?')}, Python {m.get('python', '?')}, torch {m.get('torch', '?')}, "
+        f"triton {m.get('triton', 'n/a')}",
+        f"- Measured in the same run: read bandwidth **{m.get('read_GBps', '?')} GB/s** (sum of a 2 GiB "
+        f"float32 tensor, best of 5), copy {m.get('copy_GBps', '?')} GB/s (read + write)",
+        f"- Load average (1, 5, 15 min) at start {tuple(round(v, 2) for v in m.get('loadavg_start', ()))}, "
+        f"at end {tuple(round(v, 2) for v in m.get('loadavg_end', ()))} on {m.get('cpus', '?')} cores",
+        "",
+    ]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for b in rows:
+        groups.setdefault(b["group"], []).append(b)
+    for group, items in groups.items():
+        info0 = items[0]["extra_info"]
+        logit_free = group.startswith("logit-free")
+        naive = next((b for b in items if b["extra_info"]["provider"] in ("naive", "matmul")), None)
+        lines += [f"### {group}", ""]
+        ref = "the two matmuls" if logit_free else "naive"
+        head = (
+            f"| provider | best ms | median ms | × vs {ref} | GB/s | % of read bw | × floor "
+            f"| peak extra MiB | peak extra / {'logits' if logit_free else 'inputs'} | first call s |"
+        )
+        lines += [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for b in items:
+            e, s = b["extra_info"], b["stats"]
+            speed = naive["stats"]["min"] / s["min"] if naive else None
+            floor = s["min"] / e["floor_s"] if e.get("floor_s") else None
+            gbps = "–" if logit_free else f"{e['GBps']:,.1f}"
+            frac = "–" if logit_free else _pct(e["frac_read_bw"])
+            lines.append(
+                f"| {e['provider']} | {_ms(s['min'])} | {_ms(s['median'])} | "
+                f"{'–' if speed is None else f'{speed:.2f}'} | {gbps} | {frac} | "
+                f"{'–' if logit_free or floor is None else f'{floor:.2f}'} | {_mib(e['peak_extra_bytes'])} | "
+                f"{_pct(e['peak_extra_frac'])} | {e['first_call_s']:.2f} |"
+            )
+        lines.append("")
+        del info0
+    return lines
+
+
+def targets(data: dict[str, Any]) -> list[str]:
+    """The issue's CPU targets, evaluated on this run's numbers (auto = compile on the CPU)."""
+    by = {
+        (b["extra_info"].get("tokens"), b["extra_info"].get("dtype"), b["extra_info"]["provider"], b["group"]): b
+        for b in data["benchmarks"]
+    }
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for dname, want in TARGETS_CPU.items():
+        key = next((k for k in by if k[:3] == (2048, dname, "compile") and k[3].startswith("logits")), None)
+        nkey = next((k for k in by if k[:3] == (2048, dname, "naive") and k[3].startswith("logits")), None)
+        if key is None or nkey is None:
+            lines.append(f"| auto ≥ {want:g}× naive, 2048 × 151 936 {dname} | not measured | – |")
+            continue
+        b, n = by[key], by[nkey]
+        speed = n["stats"]["min"] / b["stats"]["min"]
+        lines.append(
+            f"| auto ≥ {want:g}× naive, 2048 × 151 936 {dname} | {speed:.1f}× "
+            f"({_ms(n['stats']['min'])} → {_ms(b['stats']['min'])} ms) | {'yes' if speed >= want else 'no'} |"
+        )
+        frac = b["extra_info"]["peak_extra_frac"]
+        met = "–" if frac is None else "yes" if frac < 0.01 else "no"
+        lines.append(
+            f"| peak extra memory < 1% of inputs, {dname} | {_pct(frac)} "
+            f"({_mib(b['extra_info']['peak_extra_bytes'])} MiB) | {met} |"
+        )
+        floor = b["stats"]["min"] / b["extra_info"]["floor_s"]
+        lines.append(
+            f"| within 2× of the bandwidth floor, {dname} | {floor:.2f}× the floor "
+            f"({_ms(b['extra_info']['floor_s'])} ms) | {'yes' if floor <= 2 else 'no'} |"
+        )
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e["provider"] != "hidden":
+            continue
+        same = [c for c in data["benchmarks"] if c["group"] == b["group"]]
+        mm = next((c for c in same if c["extra_info"]["provider"] == "matmul"), None)
+        ratio = b["stats"]["min"] / mm["stats"]["min"] if mm else None
+        frac = e["peak_extra_frac"]
+        met = "–" if frac is None else "yes" if frac <= 0.125 else "no"
+        lines.append(
+            f"| logit-free peak extra ≤ 1/8 of the logits, {e['tokens']} tokens {e['dtype']} | {_pct(frac)} | {met} |"
+        )
+        if ratio is not None:
+            lines.append(
+                f"| logit-free time ≤ 1.3× the two matmuls, {e['tokens']} tokens {e['dtype']} | {ratio:.2f}× | "
+                f"{'yes' if ratio <= 1.3 else 'no'} |"
+            )
+    return lines
+
+
+def render() -> Path:
+    lines = [
+        "# visual_dependency benchmarks",
+        "",
+        "Generated by `python benchmarks/run.py` from `benchmarks/results/*.json` "
+        f"(rendered {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC). What is measured and how: "
+        "[docs/benchmarks.md](../docs/benchmarks.md). Columns: best and median wall time; speed-up over the "
+        "naive baseline measured in the same run; effective GB/s = bytes of both inputs read once / best "
+        "time; the fraction of the read bandwidth measured in the same run; × floor = best time / (input "
+        "bytes / read bandwidth); peak extra memory of one call (OS high-water mark on the CPU, "
+        "`max_memory_allocated` on CUDA) and its ratio to the input (or materialised-logit) bytes; the "
+        "first call's time (includes compilation for `compile`).",
+        "",
+    ]
+    for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
+        path = RESULTS / f"{device}.json"
+        lines += [f"## {title}", ""]
+        if not path.exists():
+            lines += [
+                f"**Not measured.** No {title} run has been recorded yet"
+                + (
+                    " (no GPU was available in the sessions that produced these results). Run "
+                    "`python benchmarks/run.py` on a CUDA machine (with `pip install liger-kernel` for the "
+                    "outside baseline) to add this section."
+                    if device == "cuda"
+                    else "."
+                ),
+                "",
+            ]
+            continue
+        data = json.loads(path.read_text())
+        if device == "cpu":
+            lines += [
+                "> The CPU numbers below were measured on a machine shared with other jobs (see the load "
+                "average); they are noisy, and a re-run on a quiet machine may differ.",
+                "",
+            ]
+        lines += render_device(data)
+        if device == "cpu":
+            lines += ["### Targets (issue 3), from this run", "", *targets(data), ""]
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", help="comma-separated token counts (default 512,2048,8192)")
+    parser.add_argument("--hidden-tokens", help="token counts of the logit-free benchmark")
+    parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md")
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = parser.parse_args()
+    if not args.render_only:
+        import torch
+
+        run("cuda" if torch.cuda.is_available() else "cpu", args.tokens, args.hidden_tokens, args.pytest_args)
+    print(f"wrote {render()}")
+
+
+if __name__ == "__main__":
+    main()
