@@ -52,9 +52,9 @@ def visual_dependency(
     $m = (p + q)/2$ (the alternatives of VPPO's Table 13), through the same kernels.
 
     Backends (see ``docs/kernels.md``): ``"torch"`` is chunked eager PyTorch; ``"compile"`` a
-    ``torch.compile``\ d kernel that reads each input once (CPU and GPU); ``"triton"`` a fused
+    kernel compiled with ``torch.compile`` that reads each input once (CPU and GPU); ``"triton"`` a fused
     single-pass GPU kernel (a ``torch.library`` custom op, so it also runs inside your
-    ``torch.compile``\ d step). ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for inputs of
+    step compiled with ``torch.compile``). ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for inputs of
     at least ``2**20`` logits, and ``"torch"`` for float64 and smaller inputs (where a compile would
     cost seconds to save microseconds) or where ``torch.compile`` is unavailable. All backends give
     the same values up to float32 rounding.
@@ -214,7 +214,7 @@ def visual_dependency_from_hidden(
     so a user can run the two VLM forward passes to hidden states only. The result is
     differentiable w.r.t. both hidden states and the weight; the backward recomputes each tile and
     never holds more than ``2 x tokens x vocab_chunk_size`` logit gradients. Values, ``divergence``,
-    ``backend`` and NaN/mask semantics are those of :func:`visual_dependency`.
+    ``backend`` and NaN/mask semantics are those of `visual_dependency`.
 
     Shapes:
         - ``hidden_img``, ``hidden_noimg``: ``[batch, seq, hidden]`` or ``[tokens, hidden]``
@@ -238,7 +238,7 @@ def visual_dependency_from_hidden(
 
     Raises:
         ValueError: If the dtypes or devices differ, a chunk size is below 1, or an argument of
-            :func:`visual_dependency` is invalid.
+            `visual_dependency` is invalid.
 
     Example:
         >>> import torch

@@ -1,10 +1,10 @@
-"""Row-wise divergence kernels behind :func:`vppo_core.visual_dependency`.
+"""Row-wise divergence kernels behind `vppo_core.visual_dependency`.
 
 Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
 eager; ``_compile``: ``torch.compile``; ``_triton``: Triton GPU kernels as ``torch.library`` custom
 ops), the autograd layer that saves tensors and delegates (``_autograd``), and the public, checked
-functions in :mod:`vppo_core.dependency`, which call :func:`divergence` and
-:func:`divergence_from_hidden` here. ``_hidden`` drives any backend over tiles of logits computed
+functions in `vppo_core.dependency`, which call `divergence` and
+`divergence_from_hidden` here. ``_hidden`` drives any backend over tiles of logits computed
 from hidden states.
 
 Backend choice (``backend="auto"``):

@@ -71,7 +71,7 @@ def triton_ops() -> ModuleType:
     """Import the Triton module (only when asked for: importing it reads ``TRITON_INTERPRET``) and
     register the autograd formula of its forward op, once per process.
 
-    :mod:`vppo_core.kernels` calls this at import on machines where Triton can run, so that a
+    `vppo_core.kernels` calls this at import on machines where Triton can run, so that a
     caller's ``torch.compile`` never has to trace the import.
     """
     if not _TRITON:

@@ -13,9 +13,9 @@ so each input byte is read from memory once; the block statistics are ``5 / BLOC
 (a full float32 copy of the input), while it recomputes ``exp2`` inside the loop.
 
 Backward. One pointwise pass per element, from the row statistics the forward saved
-(``lse_x, lse_y, a_x, a_y``, see :mod:`._torch`): reads both inputs, writes both gradients.
+(``lse_x, lse_y, a_x, a_y``, see `._torch`): reads both inputs, writes both gradients.
 
-Compilation. One ``torch.compile``\\ d function per (kind, dtype), ``dynamic=True``, so a new number of
+Compilation. One ``torch.compile`` function per (kind, dtype), ``dynamic=True``, so a new number of
 tokens or a new vocabulary size does not recompile; the process keeps them for its lifetime and
 Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) serves later processes. Inside a caller's own
 ``torch.compile`` the plain functions below are traced into the caller's graph instead.
@@ -82,7 +82,7 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
 
 
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, jsd: bool = False) -> tuple[Tensor, Tensor]:
-    """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see :mod:`._torch` for the stats."""
+    """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     lse_x, lse_y, a_x = _lse_stats(x, y, inv_t)
     if not jsd:
@@ -199,7 +199,7 @@ def _compiled_jsd_partial(dtype: torch.dtype) -> Callable[..., tuple[Tensor, Ten
 
 
 def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
-    """Compiled :func:`._torch.jsd_partial` of ``[rows, vocab]`` logits (no chunk-sized temporaries)."""
+    """Compiled `._torch.jsd_partial` of ``[rows, vocab]`` logits (no chunk-sized temporaries)."""
     if torch.compiler.is_compiling():
         return _jsd_partial_core(x, y, lse_x, lse_y, _inv_t(1.0 / inv_t, x))
     return _compiled_jsd_partial(x.dtype)(x.detach(), y.detach(), lse_x, lse_y, _inv_t(1.0 / inv_t, x))

@@ -177,7 +177,7 @@ def jsd_partial(xc: Tensor, yc: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: flo
 def jsd_partial_chunked(
     x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float, chunk_rows: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`jsd_partial` of ``[rows, vocab]`` logits, ``chunk_rows`` rows at a time (bounded temporaries)."""
+    """`jsd_partial` of ``[rows, vocab]`` logits, ``chunk_rows`` rows at a time (bounded temporaries)."""
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
     parts = [
         jsd_partial(

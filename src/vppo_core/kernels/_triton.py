@@ -7,7 +7,7 @@ in float32, the running maxima and sums of the online log-sum-exp
     m_x, s_x = sum e^{x - m_x}, d = sum e^{x - m_x} (x - y), m_y, s_y = sum e^{y - m_y}
 
 rescaling them by ``e^{m_old - m_new}`` when a block raises a maximum, and writes the divergence and
-the row statistics ``(lse_x, lse_y, a_x, a_y)`` (see :mod:`._torch`). For the Jensen-Shannon divergence
+the row statistics ``(lse_x, lse_y, a_x, a_y)`` (see `._torch`). For the Jensen-Shannon divergence
 a second loop over the row (from L2) sums ``p log(p/m)`` and ``q log(q/m)`` once the lse's are known.
 
 Backward (one program per (row, block)): reads both blocks once and writes both gradients from the
