@@ -197,7 +197,7 @@ def visual_dependency_from_hidden(
     divergence: Literal["kl", "reverse_kl", "jsd"] = "kl",
     backend: Literal["auto", "triton", "compile", "torch"] = "auto",
     chunk_size: int = 1024,
-    vocab_chunk_size: int = 16384,
+    vocab_chunk_size: int = 8192,
 ) -> Float[Tensor, "*batch"]:
     r"""Token visual dependency from final hidden states, without materialising ``[tokens, vocab]`` logits.
 

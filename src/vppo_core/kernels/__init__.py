@@ -133,7 +133,7 @@ def divergence_from_hidden(
     divergence: str = "kl",
     backend: str = "auto",
     token_chunk: int = 1024,
-    vocab_chunk: int = 16384,
+    vocab_chunk: int = 8192,
 ) -> Tensor:
     """Per-token divergence of the logits ``hx @ weight.T`` and ``hy @ weight.T`` (``[tokens, hidden]``
     inputs), never materialising them; differentiable w.r.t. both hidden states and the weight."""

@@ -201,8 +201,13 @@ def _compiled_jsd_partial(dtype: torch.dtype) -> Callable[..., tuple[Tensor, Ten
 def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     """Compiled `._torch.jsd_partial` of ``[rows, vocab]`` logits (no chunk-sized temporaries)."""
     if torch.compiler.is_compiling():
-        return _jsd_partial_core(x, y, lse_x, lse_y, _inv_t(1.0 / inv_t, x))
-    return _compiled_jsd_partial(x.dtype)(x.detach(), y.detach(), lse_x, lse_y, _inv_t(1.0 / inv_t, x))
+        return _jsd_partial_core(x, y, lse_x, lse_y, _scalar(inv_t, x))
+    return _compiled_jsd_partial(x.dtype)(x.detach(), y.detach(), lse_x, lse_y, _scalar(inv_t, x))
+
+
+def _rows_flatten(t: Tensor) -> bool:
+    """Whether ``[B, S, V]`` views as ``[B*S, V]`` without a copy."""
+    return t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
 
 
 def _row_views(*ts: Tensor) -> list[tuple[Tensor, ...]]:
@@ -211,21 +216,20 @@ def _row_views(*ts: Tensor) -> list[tuple[Tensor, ...]]:
     The views are detached last, which drops their ``_base``: Dynamo would otherwise guard on the
     base tensor's sizes and strides and recompile for each new layout of the caller's tensor.
     """
-    try:
+    if all(_rows_flatten(t) for t in ts):
         return [tuple(t.view(-1, t.shape[-1]).detach() for t in ts)]
-    except RuntimeError:
-        return [tuple(t[b].detach() for t in ts) for b in range(ts[0].shape[0])]
+    return [tuple(t[b].detach() for t in ts) for b in range(ts[0].shape[0])]
 
 
-def _inv_t(temperature: float, x: Tensor) -> Tensor:
+def _scalar(value: float, x: Tensor) -> Tensor:
     """``1/T`` as a float64 0-d tensor: a graph input, so a new temperature does not recompile."""
-    return torch.full((), 1.0 / temperature, dtype=torch.float64, device=x.device)
+    return torch.full((), value, dtype=torch.float64, device=x.device)
 
 
 def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``)."""
     jsd = divergence == "jsd"
-    inv_t = _inv_t(temperature, x)
+    inv_t = _scalar(1.0 / temperature, x)
     if x.shape[0] * x.shape[1] == 0:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 4), dtype=torch.float64)
@@ -244,7 +248,7 @@ def backward(
     jsd = divergence == "jsd"
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(y)
-    inv_t = _inv_t(temperature, x)
+    inv_t = _scalar(1.0 / temperature, x)
     views = _row_views(x, y)
     if len(views) == 1:
         (xr, yr), g, s = views[0], grad.reshape(-1), stats.reshape(-1, 4)

@@ -74,8 +74,10 @@ def forward(
     for t in balanced_chunks(tokens, token_chunk):
         run = None
         for v in vslices:
-            x, y = hx[t] @ weight[v].T, hy[t] @ weight[v].T
+            x = hx[t] @ weight[v].T
+            y = hy[t] @ weight[v].T
             _, tile = row_forward(x.unsqueeze(0), y.unsqueeze(0), temperature, "kl")
+            del x, y  # before the next tile's GEMMs: at most two logit tiles are alive
             run = _merge(run, tile[0, :, :3].double())
         assert run is not None
         lse_x, lse_y = run[:, 0], run[:, 1]
@@ -86,7 +88,10 @@ def forward(
         a_x = torch.zeros_like(lse_x)
         a_y = torch.zeros_like(lse_y)
         for v in vslices:
-            px, py = jsd_partial(hx[t] @ weight[v].T, hy[t] @ weight[v].T, lse_x, lse_y, 1.0 / temperature)
+            x = hx[t] @ weight[v].T
+            y = hy[t] @ weight[v].T
+            px, py = jsd_partial(x, y, lse_x, lse_y, 1.0 / temperature)
+            del x, y
             a_x, a_y = a_x + px.double(), a_y + py.double()
         stats[t] = torch.stack([lse_x, lse_y, a_x, a_y], -1)
         values[t] = 0.5 * (a_x + a_y)
@@ -123,7 +128,8 @@ def backward(
         gx_all = hx.new_empty(tokens, w.shape[0]) if need_w else None
         gy_all = hy.new_empty(tokens, w.shape[0]) if need_w else None
         for t in tslices:
-            x, y = hx[t] @ w.T, hy[t] @ w.T
+            x = hx[t] @ w.T
+            y = hy[t] @ w.T
             gx, gy = row_backward(
                 grad[t].unsqueeze(0),
                 x.unsqueeze(0),
@@ -132,6 +138,7 @@ def backward(
                 temperature,
                 divergence,
             )
+            del x, y
             gx, gy = gx[0], gy[0]
             if dhx is not None:
                 dhx[t] += gx @ w
@@ -139,6 +146,7 @@ def backward(
                 dhy[t] += gy @ w
             if gx_all is not None and gy_all is not None:
                 gx_all[t], gy_all[t] = gx, gy
+            del gx, gy
         if dw is not None and gx_all is not None and gy_all is not None:
             dw[v] = torch.addmm(gx_all.T @ hx_safe, gy_all.T, hy_safe)
     return (

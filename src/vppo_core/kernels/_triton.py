@@ -192,6 +192,7 @@ def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple
         inv_t,
         DIV=divergence,
         BLOCK=_block(vocab, _fwd_block()),
+        num_warps=8,
     )
     return out, stats
 
@@ -225,6 +226,7 @@ def launch_backward(
         inv_t,
         DIV=divergence,
         BLOCK=block,
+        num_warps=8,
     )
     return gx, gy
 
