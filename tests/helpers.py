@@ -5,6 +5,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def clone_all(values: Iterable[Any]) -> list[Any]:
@@ -39,3 +41,18 @@ def random_mask(batch: int, seq: int, *, p_empty_row: float = 0.2, left_pad: boo
     if left_pad:
         return pos.unsqueeze(0) >= (seq - lengths).unsqueeze(1)
     return pos.unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class LargestFloat32(TorchDispatchMode):
+    """Records the largest float32 tensor any op produces (to pin 'no float32 copy of the logits')."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out

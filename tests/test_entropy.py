@@ -10,14 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-import vppo_core.entropy as entropy_module
+import vppo_core.kernels._chunks as chunks_module
 from vppo_core.entropy import high_entropy_mask, high_entropy_threshold, token_entropy, topk_entropy_mask
 from vppo_core.masking import topk_token_mask
 
-from .helpers import assert_inputs_unchanged, random_mask
+from .helpers import LargestFloat32, assert_inputs_unchanged, random_mask
 from .oracles import exact_ceil, topk_oracle
 
 # Tolerance added to torch's own error in the same dtype (cut-cross-entropy's criterion).
@@ -179,7 +177,7 @@ def test_masked_rows_and_neg_inf_entries_get_exactly_zero_gradient():
 def test_chunks_layouts_and_non_viewable_slices(monkeypatch):
     full = torch.randn(3, 12, 97)
     reference = token_entropy(full)
-    monkeypatch.setattr(entropy_module, "_CHUNK_BYTES", 4 * 97 * 5)  # 5 rows per chunk, ragged last chunk
+    monkeypatch.setattr(chunks_module, "CHUNK_BYTES", 4 * 97 * 5)  # 5 rows per chunk, ragged last chunk
     torch.testing.assert_close(token_entropy(full), reference, rtol=0, atol=1e-6)
     sliced = full[:, 3:-1]  # cannot be flattened to rows without a copy
     assert not sliced.is_contiguous()
@@ -194,25 +192,10 @@ def test_chunks_layouts_and_non_viewable_slices(monkeypatch):
     assert token_entropy(torch.randn(2, 0, 5)).shape == (2, 0)
 
 
-class _LargestFloat32(TorchDispatchMode):
-    """Records the largest float32 tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_never_a_float32_copy_of_the_whole_logits(monkeypatch):
-    monkeypatch.setattr(entropy_module, "_CHUNK_BYTES", 4 * 1000 * 16)  # 16 rows of 1000 per chunk
+    monkeypatch.setattr(chunks_module, "CHUNK_BYTES", 4 * 1000 * 16)  # 16 rows of 1000 per chunk
     x = torch.randn(2, 64, 1000).bfloat16().requires_grad_()
-    with _LargestFloat32() as seen:
+    with LargestFloat32() as seen:
         token_entropy(x).backward(torch.randn(2, 64))
     assert seen.largest <= 16 * 1000 < x.numel()
 

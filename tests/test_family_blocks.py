@@ -8,10 +8,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-import vppo_core._vocab as vocab_module
+import vppo_core.kernels._chunks as chunks_module
 from vppo_core.entropy import high_entropy_mask
 from vppo_core.factors import (
     anneal_weights,
@@ -43,7 +41,7 @@ from vppo_core.signals import (
 )
 from vppo_core.transforms import minmax_per_response, response_softmax, shift_nonnegative, soft_or, tanh_gate
 
-from .helpers import assert_inputs_unchanged, random_mask
+from .helpers import LargestFloat32, assert_inputs_unchanged, random_mask
 
 F64 = torch.float64
 
@@ -574,24 +572,11 @@ def test_hellinger_identical_nan_and_errors():
         hellinger(x[None], x[None])
 
 
-class _LargestFloat32(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_never_a_float32_copy_of_the_whole_logits(monkeypatch):
-    monkeypatch.setattr(vocab_module, "CHUNK_BYTES", 4 * 1000 * 16)  # 16 rows of 1000 per chunk
+    monkeypatch.setattr(chunks_module, "CHUNK_BYTES", 4 * 1000 * 16)  # 16 rows of 1000 per chunk
     x = torch.randn(2, 64, 1000).bfloat16().requires_grad_()
     y = torch.randn(2, 64, 1000).bfloat16()
-    with _LargestFloat32() as seen:
+    with LargestFloat32() as seen:
         hellinger(x, y, squared=True).backward(torch.randn(2, 64))
         top_p_entropy(x, top_p=0.9)
     assert seen.largest <= 16 * 1000 < x.numel()

@@ -15,44 +15,11 @@ For one row, with ``x = logits_p / T``, ``y = logits_q / T`` and ``m = (x + y) /
 Entries that are ``-inf`` in either input have ``sqrt(p_j q_j) = 0`` and contribute nothing.
 """
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Float32 bytes of one upcast chunk buffer; about six such buffers are alive at once.
-CHUNK_BYTES = 32 * 2**20
-
-
-def chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _rows(x: Tensor) -> Tensor:
-    """``[B, S, V]`` -> ``[1, B*S, V]`` when that is a view (longer chunks, fewer Python steps)."""
-    try:
-        return x.view(1, -1, x.shape[-1])
-    except RuntimeError:
-        return x
-
-
-def _pair_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    xr, yr = _rows(x), _rows(y)
-    if xr.shape[0] != yr.shape[0]:  # only one of the two could be flattened
-        return x, y
-    return xr, yr
-
-
-def _blocks(shape: torch.Size, rows: int) -> Iterator[tuple[int, slice]]:
-    for b in range(shape[0]):
-        for s in range(0, shape[1], rows):
-            yield b, slice(s, s + rows)
-
+from .kernels._chunks import compute_dtype, default_chunk_rows, flatten_if_free, flatten_pair, row_chunks
 
 # ----------------------------------------------------------------------------- Hellinger
 
@@ -89,10 +56,10 @@ def _hellinger_grad_chunk(grad: Tensor, x: Tensor, y: Tensor, inv_t: float) -> t
 def hellinger_forward(x: Tensor, y: Tensor, temperature: float, rows: int | None = None) -> Tensor:
     """Per-row squared Hellinger distance of ``[batch, seq, vocab]`` logits -> ``[batch, seq]``, in ``[0, 1]``."""
     out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
-    xr, yr = _pair_rows(x, y)
+    xr, yr = flatten_pair(x, y)
     o = out.view(xr.shape[:-1])
-    rows = rows or chunk_rows(x.shape[-1])
-    for b, sl in _blocks(xr.shape, rows):
+    rows = rows or default_chunk_rows(x.shape[-1])
+    for b, sl in row_chunks(xr.shape, rows):
         o[b, sl] = _hellinger_chunk(xr[b, sl], yr[b, sl], 1.0 / temperature)[0]
     return out.clamp(0.0, 1.0) + 0.0  # rounding (and -0 from -expm1(0)); NaN stays NaN
 
@@ -102,10 +69,10 @@ def hellinger_backward(
 ) -> tuple[Tensor, Tensor]:
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    xr, yr = _pair_rows(x, y)
+    xr, yr = flatten_pair(x, y)
     gr, gxr, gyr = grad.reshape(xr.shape[:-1]), grad_x.view(xr.shape), grad_y.view(yr.shape)
-    rows = rows or chunk_rows(x.shape[-1])
-    for b, sl in _blocks(xr.shape, rows):
+    rows = rows or default_chunk_rows(x.shape[-1])
+    for b, sl in row_chunks(xr.shape, rows):
         gxr[b, sl], gyr[b, sl] = _hellinger_grad_chunk(gr[b, sl], xr[b, sl], yr[b, sl], 1.0 / temperature)
     return grad_x, grad_y
 
@@ -152,10 +119,10 @@ def _top_p_entropy_chunk(x: Tensor, inv_t: float, top_p: float) -> Tensor:
 def top_p_entropy_forward(x: Tensor, temperature: float, top_p: float, rows: int | None = None) -> Tensor:
     """Per-row top-``p`` entropy of ``[batch, seq, vocab]`` logits -> ``[batch, seq]`` (no gradient)."""
     out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
-    xr = _rows(x)
+    xr = flatten_if_free(x)
     o = out.view(xr.shape[:-1])
-    rows = rows or max(1, chunk_rows(x.shape[-1]) // 2)  # the sort keeps a second buffer alive
+    rows = rows or max(1, default_chunk_rows(x.shape[-1]) // 2)  # the sort keeps a second buffer alive
     with torch.no_grad():
-        for b, sl in _blocks(xr.shape, rows):
+        for b, sl in row_chunks(xr.shape, rows):
             o[b, sl] = _top_p_entropy_chunk(xr[b, sl], 1.0 / temperature, top_p)
     return out.clamp_min(0.0)

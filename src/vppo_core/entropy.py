@@ -11,8 +11,6 @@ fraction of each trajectory's tokens; [`high_entropy_mask`][vppo_core.high_entro
 every valid token of the (possibly distributed) batch.
 """
 
-from collections.abc import Iterator
-
 import torch
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
@@ -20,37 +18,12 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import as_bool_mask, check_fraction, check_positive, check_same_device, typechecked
 from .distributed import ProcessGroupLike, all_gather_rows, resolve_group
+from .kernels._chunks import compute_dtype, default_chunk_rows, flatten_if_free, row_chunks
 from .masking import num_kept_tokens, topk_token_mask
 
 __all__ = ["high_entropy_mask", "high_entropy_threshold", "token_entropy", "topk_entropy_mask"]
 
-# Float32 bytes of one upcast chunk; about four such buffers are alive at once.
-_CHUNK_BYTES = 32 * 2**20
-
-
 # ----------------------------------------------------------------------------- chunked maths
-
-
-def _chunk_rows(vocab: int) -> int:
-    return max(1, _CHUNK_BYTES // (4 * max(vocab, 1)))
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _rows(x: Tensor) -> Tensor:
-    """``[B, S, V]`` -> ``[1, B*S, V]`` when that is a view (longer chunks, fewer Python steps)."""
-    try:
-        return x.view(1, -1, x.shape[-1])
-    except RuntimeError:
-        return x
-
-
-def _blocks(shape: torch.Size, chunk_rows: int) -> Iterator[tuple[int, slice]]:
-    for b in range(shape[0]):
-        for s in range(0, shape[1], chunk_rows):
-            yield b, slice(s, s + chunk_rows)
 
 
 def _entropy_chunk(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,7 +32,7 @@ def _entropy_chunk(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
     ``H = -sum_j p_j log p_j`` with ``0 log 0 = 0`` (``-inf`` logits contribute nothing). A NaN in a
     row makes its ``H`` NaN; a row of only ``-inf`` logits has no distribution and gives NaN.
     """
-    z = x.to(_compute_dtype(x))
+    z = x.to(compute_dtype(x))
     if inv_t != 1.0:
         z = z * inv_t
     logp = torch.log_softmax(z, dim=-1)
@@ -81,11 +54,11 @@ def _entropy_grad_chunk(grad: Tensor, x: Tensor, inv_t: float) -> Tensor:
 
 def _entropy_forward(x: Tensor, temperature: float, chunk_rows: int | None = None) -> Tensor:
     """Per-row entropy of ``[batch, seq, vocab]`` logits -> ``[batch, seq]`` float32 (float64 for float64)."""
-    out = torch.empty(x.shape[:-1], dtype=_compute_dtype(x), device=x.device)
-    xr = _rows(x)
+    out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
+    xr = flatten_if_free(x)
     o = out.view(xr.shape[:-1])
-    chunk_rows = chunk_rows or _chunk_rows(x.shape[-1])
-    for b, rows in _blocks(xr.shape, chunk_rows):
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
+    for b, rows in row_chunks(xr.shape, chunk_rows):
         o[b, rows] = _entropy_chunk(xr[b, rows], 1.0 / temperature)[2]
     return out.clamp_min(0.0)  # rounding can give -1e-8 for a one-hot row; NaN stays NaN
 
@@ -93,10 +66,10 @@ def _entropy_forward(x: Tensor, temperature: float, chunk_rows: int | None = Non
 def _entropy_backward(grad: Tensor, x: Tensor, temperature: float, chunk_rows: int | None = None) -> Tensor:
     """Gradient of ``sum(grad * H)`` w.r.t. ``[batch, seq, vocab]`` logits, in their dtype."""
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    xr = _rows(x)
+    xr = flatten_if_free(x)
     gr, gxr = grad.reshape(xr.shape[:-1]), grad_x.view(xr.shape)
-    chunk_rows = chunk_rows or _chunk_rows(x.shape[-1])
-    for b, rows in _blocks(xr.shape, chunk_rows):
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
+    for b, rows in row_chunks(xr.shape, chunk_rows):
         gxr[b, rows] = _entropy_grad_chunk(gr[b, rows], xr[b, rows], 1.0 / temperature)
     return grad_x
 

@@ -25,40 +25,12 @@ Entries with ``p_j = 0`` (``x_j = -inf``) contribute nothing, even where ``y_j =
 upstream gradient is exactly zero (masked rows) get exactly zero gradient, whatever they hold.
 """
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
 
-# Float32 bytes of one upcast chunk buffer; ~6 such buffers are live at once. Small enough to stay
-# below glibc's mmap threshold (32 MiB at most): larger temporaries are mapped and unmapped by every
-# op, and the page faults then cost more than the arithmetic (2-3x slower at vocab 151 936).
-CHUNK_BYTES = 8 * 2**20
+from ._chunks import compute_dtype, default_chunk_rows, flatten_if_free, row_chunks
 
 DIVERGENCES = ("kl", "jsd")  # reverse_kl is kl with the arguments swapped (done by the caller)
-
-
-def default_chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _flatten_if_free(t: Tensor) -> Tensor:
-    """``[B, S, V]`` -> ``[1, B*S, V]`` when that is a view (longer chunks, fewer Python steps)."""
-    try:
-        return t.view(1, -1, t.shape[-1])
-    except RuntimeError:
-        return t
-
-
-def _chunks(shape: torch.Size, chunk_rows: int) -> Iterator[tuple[int, slice]]:
-    batch, seq = shape[0], shape[1]
-    for b in range(batch):
-        for s in range(0, seq, chunk_rows):
-            yield b, slice(s, s + chunk_rows)
 
 
 def _p_weighted(p: Tensor, v: Tensor) -> Tensor:
@@ -111,12 +83,12 @@ def forward(
     """
     out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
     stats = torch.empty((*x.shape[:-1], 4), dtype=torch.float64, device=x.device)
-    xf, yf = _flatten_if_free(x), _flatten_if_free(y)
+    xf, yf = flatten_if_free(x), flatten_if_free(y)
     of, sf = out.view(1, -1), stats.view(1, -1, 4)
     if xf.shape[0] != 1 or yf.shape[0] != 1:  # one of the two could not be flattened
         xf, yf, of, sf = x, y, out, stats
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    for b, rows in _chunks(xf.shape, chunk_rows):
+    for b, rows in row_chunks(xf.shape, chunk_rows):
         of[b, rows], sf[b, rows] = _chunk_stats(xf[b, rows], yf[b, rows], 1.0 / temperature, divergence)
     return out.clamp_min(0.0), stats
 
@@ -155,7 +127,7 @@ def backward(
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    for b, rows in _chunks(x.shape, chunk_rows):
+    for b, rows in row_chunks(x.shape, chunk_rows):
         grad_x[b, rows], grad_y[b, rows] = chunk_grads(
             x[b, rows], y[b, rows], stats[b, rows], grad[b, rows], 1.0 / temperature, divergence
         )
