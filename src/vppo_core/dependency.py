@@ -27,7 +27,7 @@ def visual_dependency(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    divergence: Literal["kl", "reverse_kl", "jsd"] = "kl",
+    divergence: Literal["kl", "reverse_kl", "jsd", "hellinger"] = "kl",
     backend: Literal["auto", "triton", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Exact token visual dependency: the KL between the policy with the real and the perturbed image.
@@ -50,6 +50,17 @@ def visual_dependency(
     ``divergence="reverse_kl"`` computes $\mathrm{KL}(q\,\|\,p)$ and ``divergence="jsd"`` the
     Jensen-Shannon divergence $\tfrac12\mathrm{KL}(p\,\|\,m) + \tfrac12\mathrm{KL}(q\,\|\,m)$,
     $m = (p + q)/2$ (the alternatives of VPPO's Table 13), through the same kernels.
+    ``divergence="hellinger"`` computes the squared Hellinger distance
+
+    $$
+    H^2 = 1 - \sum_j \sqrt{p_j q_j}
+        = 1 - \exp\Big(\operatorname{lse}\big(\tfrac{x + y}{2}\big)
+          - \tfrac12\big(\operatorname{lse}(x) + \operatorname{lse}(y)\big)\Big) \in [0, 1],
+    $$
+
+    with $\partial H^2/\partial x_j = \mathrm{BC}\,(p_j - r_j)/(2T)$, $\mathrm{BC} = \sum_i \sqrt{p_i q_i}$,
+    $r = \mathrm{softmax}((x + y)/2)$, and symmetrically in $y$ (the signal behind
+    [`hellinger`][vppo_core.signals.hellinger]).
 
     Backends (see ``docs/kernels.md``): ``"torch"`` is chunked eager PyTorch; ``"compile"`` a
     kernel compiled with ``torch.compile`` that reads each input once (CPU and GPU); ``"triton"`` a fused
@@ -61,8 +72,10 @@ def visual_dependency(
 
     Special values: a vocabulary entry that is ``-inf`` in ``logits_img`` contributes nothing (it has
     zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
-    ``logits_img`` but ``-inf`` in ``logits_noimg`` makes the KL ``+inf``, as it mathematically is.
-    A NaN anywhere in a counted row gives NaN for that row. Rows outside ``response_mask`` are
+    ``logits_img`` but ``-inf`` in ``logits_noimg`` makes the KL ``+inf``, as it mathematically is
+    (for Hellinger it adds $\sqrt{p_j \cdot 0} = 0$ to BC, and for JSD a finite term). A NaN
+    anywhere in a counted row gives NaN for that row, and so does (for Hellinger) a row whose
+    logits are all ``-inf`` in either input. Rows outside ``response_mask`` are
     exactly 0 and receive exactly zero gradient, whatever they hold (padding is never read into the
     result). Results are clamped at 0 against rounding.
 
@@ -76,12 +89,13 @@ def visual_dependency(
         logits_noimg: Next-token logits given the perturbed (or removed) image, same shape and dtype.
         response_mask: Positions that count; ``None`` counts every position.
         temperature: Sampling temperature $T > 0$ the logits are divided by (never in place).
-        divergence: ``"kl"`` (default, the paper's), ``"reverse_kl"`` or ``"jsd"``.
+        divergence: ``"kl"`` (default, the paper's), ``"reverse_kl"``, ``"jsd"`` or ``"hellinger"``
+            (squared).
         backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
 
     Returns:
         The per-token divergence, float32 (float64 for float64 inputs on the ``"torch"`` and
-        ``"compile"`` backends), ``>= 0``.
+        ``"compile"`` backends), ``>= 0`` (at most $\log 2$ for JSD and 1 for Hellinger).
 
     Raises:
         ValueError: If the inputs have different dtypes or devices, fewer than 2 or more than 3
@@ -101,6 +115,9 @@ def visual_dependency(
         >>> jsd = visual_dependency(x, x + 1e3 * torch.eye(11)[:5], divergence="jsd", backend="torch")
         >>> bool((jsd <= torch.log(torch.tensor(2.0)) + 1e-6).all())  # JSD is at most log 2
         True
+        >>> far = torch.tensor([[0.0, -float("inf")]]), torch.tensor([[-float("inf"), 0.0]])
+        >>> visual_dependency(*far, divergence="hellinger")  # disjoint supports: H^2 = 1
+        tensor([1.])
     """
     check_positive("temperature", temperature)
     check_choice("divergence", divergence, kernels.DIVERGENCES)
@@ -194,7 +211,7 @@ def visual_dependency_from_hidden(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    divergence: Literal["kl", "reverse_kl", "jsd"] = "kl",
+    divergence: Literal["kl", "reverse_kl", "jsd", "hellinger"] = "kl",
     backend: Literal["auto", "triton", "compile", "torch"] = "auto",
     chunk_size: int = 1024,
     vocab_chunk_size: int = 8192,
@@ -228,7 +245,8 @@ def visual_dependency_from_hidden(
         lm_head_weight: The output projection's weight (``model.lm_head.weight``).
         response_mask: Positions that count.
         temperature: Sampling temperature $T > 0$.
-        divergence: ``"kl"`` (default), ``"reverse_kl"`` or ``"jsd"`` (which sweeps the tiles twice).
+        divergence: ``"kl"`` (default), ``"reverse_kl"``, ``"jsd"`` (which sweeps the tiles twice) or
+            ``"hellinger"`` (squared; merges a third log-sum-exp, $\operatorname{lse}((x + y)/2)$).
         backend: Row kernel for each tile: ``"auto"``, ``"triton"``, ``"compile"`` or ``"torch"``.
         chunk_size: Tokens per tile.
         vocab_chunk_size: Vocabulary entries per tile.

@@ -1,9 +1,8 @@
 """Token entropy over the full vocabulary, and the entropy-based token masks built on it.
 
-``token_entropy`` is computed like [`visual_dependency`][vppo_core.visual_dependency]: row chunk by
-row chunk, with an ``autograd.Function`` whose backward recomputes each chunk, so no float32 copy of
-the whole ``[batch, seq, vocab]`` input is ever alive. The chunk maths lives in the small private
-functions ``_entropy_chunk`` / ``_entropy_grad_chunk`` so that a fused kernel can replace them.
+``token_entropy`` runs on the same fused kernels as [`visual_dependency`][vppo_core.visual_dependency]
+(``vppo_core.kernels``: chunked eager, ``torch.compile`` and Triton backends, one read of the logits,
+no float32 copy of the whole ``[batch, seq, vocab]`` input, a backward from saved row statistics).
 
 Two selection rules use the entropy: [`topk_entropy_mask`][vppo_core.topk_entropy_mask] keeps a
 fraction of each trajectory's tokens; [`high_entropy_mask`][vppo_core.high_entropy_mask] is the
@@ -11,83 +10,18 @@ fraction of each trajectory's tokens; [`high_entropy_mask`][vppo_core.high_entro
 every valid token of the (possibly distributed) batch.
 """
 
+from typing import Literal
+
 import torch
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._checks import as_bool_mask, check_fraction, check_positive, check_same_device, typechecked
+from . import kernels
+from ._checks import as_bool_mask, check_choice, check_fraction, check_positive, check_same_device, typechecked
 from .distributed import ProcessGroupLike, all_gather_rows, resolve_group
-from .kernels._chunks import compute_dtype, default_chunk_rows, flatten_if_free, row_chunks
 from .masking import num_kept_tokens, topk_token_mask
 
 __all__ = ["high_entropy_mask", "high_entropy_threshold", "token_entropy", "topk_entropy_mask"]
-
-# ----------------------------------------------------------------------------- chunked maths
-
-
-def _entropy_chunk(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Upcast and scale one chunk of logit rows; return ``(log p, p, H)``.
-
-    ``H = -sum_j p_j log p_j`` with ``0 log 0 = 0`` (``-inf`` logits contribute nothing). A NaN in a
-    row makes its ``H`` NaN; a row of only ``-inf`` logits has no distribution and gives NaN.
-    """
-    z = x.to(compute_dtype(x))
-    if inv_t != 1.0:
-        z = z * inv_t
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    plogp = torch.where(logp == float("-inf"), 0.0, p * logp)
-    return logp, p, -plogp.sum(-1)
-
-
-def _entropy_grad_chunk(grad: Tensor, x: Tensor, inv_t: float) -> Tensor:
-    """``d(sum grad * H)/dx`` for one chunk: ``-grad * p_j (log p_j + H) / T``, in ``x``'s dtype.
-
-    Rows whose upstream gradient is exactly zero (masked rows) get exactly zero, whatever they hold.
-    """
-    logp, p, h = _entropy_chunk(x, inv_t)
-    g = grad.to(logp.dtype).unsqueeze(-1) * inv_t
-    gx = -g * p * (logp + h.unsqueeze(-1))
-    return torch.where((g != 0) & (logp != float("-inf")), gx, 0.0).to(x.dtype)
-
-
-def _entropy_forward(x: Tensor, temperature: float, chunk_rows: int | None = None) -> Tensor:
-    """Per-row entropy of ``[batch, seq, vocab]`` logits -> ``[batch, seq]`` float32 (float64 for float64)."""
-    out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
-    xr = flatten_if_free(x)
-    o = out.view(xr.shape[:-1])
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    for b, rows in row_chunks(xr.shape, chunk_rows):
-        o[b, rows] = _entropy_chunk(xr[b, rows], 1.0 / temperature)[2]
-    return out.clamp_min(0.0)  # rounding can give -1e-8 for a one-hot row; NaN stays NaN
-
-
-def _entropy_backward(grad: Tensor, x: Tensor, temperature: float, chunk_rows: int | None = None) -> Tensor:
-    """Gradient of ``sum(grad * H)`` w.r.t. ``[batch, seq, vocab]`` logits, in their dtype."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    xr = flatten_if_free(x)
-    gr, gxr = grad.reshape(xr.shape[:-1]), grad_x.view(xr.shape)
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
-    for b, rows in row_chunks(xr.shape, chunk_rows):
-        gxr[b, rows] = _entropy_grad_chunk(gr[b, rows], xr[b, rows], 1.0 / temperature)
-    return grad_x
-
-
-class _TokenEntropy(torch.autograd.Function):
-    """Chunked entropy; saves the logits (no copy) and recomputes each chunk in the backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.temperature = temperature
-        return _entropy_forward(x, temperature)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return _entropy_backward(grad, x, ctx.temperature), None
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -99,6 +33,7 @@ def token_entropy(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
+    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Entropy of the policy's next-token distribution at every position, over the full vocabulary.
 
@@ -107,15 +42,24 @@ def token_entropy(
     $$
     H_t = -\sum_j p_j \log p_j = \operatorname{lse}(z) - \sum_j p_j z_j ,
     \qquad
-    \frac{\partial H_t}{\partial \text{logits}_j} = -\frac{p_j\,(\log p_j + H_t)}{T}.
+    \frac{\partial H_t}{\partial \text{logits}_j} = -\frac{p_j\,(z_j - \sum_i p_i z_i)}{T}
+      = -\frac{p_j\,(\log p_j + H_t)}{T}.
     $$
 
     This is the token entropy of the high-entropy-minority paper (Wang et al., 2025,
     arXiv:2506.01939) and of PAPO's Double Entropy Loss written as in the paper (arXiv:2507.06448;
     its code uses the sampled-token estimate $-\log\pi(o_t)$ instead, see
     [`double_entropy_loss`][vppo_core.double_entropy_loss]). It is computed in float32 (float64 for
-    float64 input) row chunk by row chunk, forward and backward, so no float32 copy of the whole
-    ``[batch, seq, vocab]`` logits is made, and it is differentiable (an entropy bonus or penalty).
+    float64 input) by the kernels of [`visual_dependency`][vppo_core.visual_dependency], shifted by
+    the row maximum ($H = \operatorname{lse}(z - M) - \sum_j p_j (z_j - M)$), reading the logits once
+    and never making a float32 copy of the whole ``[batch, seq, vocab]`` input; it is differentiable
+    (an entropy bonus or penalty), with a backward that reads the logits once more.
+
+    Backends as in [`visual_dependency`][vppo_core.visual_dependency]: ``"torch"`` (chunked eager),
+    ``"compile"`` (a blocked ``torch.compile`` kernel), ``"triton"`` (a fused GPU kernel and a
+    ``torch.library`` custom op); ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for at
+    least ``2**20`` logits on the CPU (and inside a caller's ``torch.compile``), ``"torch"`` for
+    float64 and smaller inputs.
 
     Special values: ``-inf`` logits have zero probability and contribute nothing ($0\log 0 = 0$), and
     receive zero gradient. A NaN in a counted row, or a row whose logits are all ``-inf``, gives NaN.
@@ -131,13 +75,16 @@ def token_entropy(
         logits: Next-token logits (any float dtype, any strides; never modified).
         response_mask: Positions that count; ``None`` counts every position.
         temperature: Sampling temperature $T > 0$ the logits are divided by.
+        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
 
     Returns:
-        Per-token entropy in nats, float32 (float64 for float64 input), in $[0, \log V]$.
+        Per-token entropy in nats, float32 (float64 for float64 input on the ``"torch"`` and
+        ``"compile"`` backends), in $[0, \log V]$.
 
     Raises:
         ValueError: If ``logits`` has fewer than 2 or more than 3 dimensions, ``temperature <= 0``,
-            or the tensors are on different devices.
+            the tensors are on different devices, an unknown ``backend``, or a backend that cannot
+            run here (``"triton"`` without CUDA, or for float64).
         TypeError: If a shape or dtype does not match the annotation (jaxtyping).
 
     Example:
@@ -149,6 +96,7 @@ def token_entropy(
         tensor([1.3863, 0.0000])
     """
     check_positive("temperature", temperature)
+    check_choice("backend", backend, kernels.BACKENDS)
     if not 2 <= logits.ndim <= 3:
         raise ValueError(
             "logits must be [batch, seq, vocab] or [tokens, vocab], "
@@ -156,7 +104,7 @@ def token_entropy(
         )
     check_same_device(logits=logits, response_mask=response_mask)
     x = logits.unsqueeze(0) if logits.ndim == 2 else logits
-    entropy = _TokenEntropy.apply(x, float(temperature)).reshape(logits.shape[:-1])
+    entropy = kernels.entropy(x, float(temperature), backend=backend).reshape(logits.shape[:-1])
     if response_mask is None:
         return entropy
     return torch.where(as_bool_mask(response_mask), entropy, 0.0)

@@ -15,10 +15,12 @@ how uncertain it is) and turns the score into a mask or a weight. The signals an
 - relative position $t/(L-1)$: [`relative_position`][vppo_core.signals.relative_position] (VGPO).
 
 Conventions: ``[batch, seq]`` results aligned like the inputs, exactly 0 outside ``response_mask``,
-float32 (float64 for float64 input). Full-vocabulary quantities are computed row chunk by row chunk
-and never build a float32 copy of the whole ``[batch, seq, vocab]`` logits. Signals are computed with
-the rollout (old) policy under ``no_grad`` in the per-rollout-batch stage unless a method says
-otherwise; detach them before they feed a mask or a weight (selection and factor blocks do).
+float32 (float64 for float64 input). Full-vocabulary quantities (KL, JSD, Hellinger, entropies) go
+through the fused kernels of [`visual_dependency`][vppo_core.visual_dependency] (top-$p$ entropy,
+which sorts, row chunk by row chunk) and never build a float32 copy of the whole
+``[batch, seq, vocab]`` logits. Signals are computed with the rollout (old) policy under
+``no_grad`` in the per-rollout-batch stage unless a method says otherwise; detach them before they
+feed a mask or a weight (selection and factor blocks do).
 """
 
 import inspect
@@ -218,11 +220,13 @@ def hellinger(
       - \tfrac12\big(\operatorname{lse}x + \operatorname{lse}y\big),
     $$
 
-    computed in that log-sum-exp form, in float32 (float64 for float64 input), row chunk by row
-    chunk (forward and recomputing backward), so no float32 copy of ``[batch, seq, vocab]`` is made.
-    A bounded, symmetric alternative to the KL of [`visual_dependency`][vppo_core.visual_dependency]
-    (listed among the family's divergences, FAMILY.md section 10). ``squared=False`` (default) returns
-    the distance $H_t = \sqrt{H^2_t}$, whose gradient is taken as 0 where $H_t = 0$.
+    computed in that log-sum-exp form, in float32 (float64 for float64 input), by
+    ``visual_dependency(logits_p, logits_q, response_mask, divergence="hellinger")``
+    ([`visual_dependency`][vppo_core.visual_dependency]: the fused kernels, one read of each input,
+    no float32 copy of ``[batch, seq, vocab]``, ``backend="auto"``). A bounded, symmetric
+    alternative to the KL (listed among the family's divergences, FAMILY.md section 10).
+    ``squared=False`` (default) returns the distance $H_t = \sqrt{H^2_t}$, whose gradient is taken
+    as 0 where $H_t = 0$.
 
     Gradients: $\partial H^2/\partial x_j = \mathrm{BC}\,(p_j - r_j)/(2T)$ with
     $r = \operatorname{softmax}((x+y)/2)$, and symmetrically in $y$. Special values: an entry ``-inf``
@@ -259,9 +263,7 @@ def hellinger(
     if logits_p.dtype != logits_q.dtype:
         raise ValueError(f"logits_p and logits_q must have the same dtype, got {logits_p.dtype} and {logits_q.dtype}")
     check_same_device(logits_p=logits_p, logits_q=logits_q, response_mask=response_mask)
-    x, y = (logits_p.unsqueeze(0), logits_q.unsqueeze(0)) if logits_p.ndim == 2 else (logits_p, logits_q)
-    h2 = _vocab.SquaredHellinger.apply(x, y, float(temperature)).reshape(logits_p.shape[:-1])
-    h2 = _masked(h2, response_mask)
+    h2 = visual_dependency(logits_p, logits_q, response_mask, temperature=temperature, divergence="hellinger")
     if squared:
         return h2
     positive = h2 > 0
@@ -290,9 +292,10 @@ def entropy_gap(
     r"""Entropies on the original input and on a view, and their absolute difference $\lvert\Delta H_t\rvert$.
 
     $H_t(P)$ and $H_t(Q)$ over the full vocabulary with [`token_entropy`][vppo_core.token_entropy]
-    (chunked, float32), and $\lvert\Delta H_t\rvert = \lvert H_t(Q) - H_t(P)\rvert$. VEPO
-    (arXiv:2606.03937) uses $H(P)$ as its uncertainty signal and $\lvert\Delta H\rvert$ as a
-    perception signal. Differentiable; the gap has gradient $\operatorname{sign}(\Delta H)$ (0 at 0).
+    (the fused kernels, ``backend="auto"``, float32; each input read once), and
+    $\lvert\Delta H_t\rvert = \lvert H_t(Q) - H_t(P)\rvert$. VEPO (arXiv:2606.03937) uses $H(P)$
+    as its uncertainty signal and $\lvert\Delta H\rvert$ as a perception signal. Differentiable;
+    the gap has gradient $\operatorname{sign}(\Delta H)$ (0 at 0).
 
     Shapes:
         - ``logits_p``, ``logits_q``: ``[batch, seq, vocab]`` or ``[tokens, vocab]``

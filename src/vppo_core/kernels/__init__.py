@@ -1,11 +1,14 @@
-"""Row-wise divergence kernels behind `vppo_core.visual_dependency`.
+"""Row-wise full-vocabulary kernels behind `vppo_core.visual_dependency` and `vppo_core.token_entropy`.
+
+Every full-vocabulary quantity of the library goes through these kernels: the divergences of two
+logit tensors (KL, reverse KL, Jensen-Shannon, squared Hellinger) and the entropy of one.
 
 Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
 eager; ``_compile``: ``torch.compile``; ``_triton``: Triton GPU kernels as ``torch.library`` custom
 ops), the autograd layer that saves tensors and delegates (``_autograd``), and the public, checked
-functions in `vppo_core.dependency`, which call `divergence` and
-`divergence_from_hidden` here. ``_hidden`` drives any backend over tiles of logits computed
-from hidden states.
+functions in `vppo_core.dependency` and `vppo_core.entropy`, which call `divergence`,
+`divergence_from_hidden` and `entropy` here. ``_hidden`` drives any backend over tiles of logits
+computed from hidden states.
 
 Backend choice (``backend="auto"``):
 
@@ -20,6 +23,7 @@ Backend choice (``backend="auto"``):
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,9 +32,9 @@ from torch import Tensor
 from . import _autograd, _compile, _hidden, _torch
 
 Backend = Literal["auto", "triton", "compile", "torch"]
-Divergence = Literal["kl", "reverse_kl", "jsd"]
+Divergence = Literal["kl", "reverse_kl", "jsd", "hellinger"]
 BACKENDS = ("auto", "triton", "compile", "torch")
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "hellinger")
 
 #: Below this many logits per input, ``backend="auto"`` uses the eager ``"torch"`` path.
 AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
@@ -87,25 +91,57 @@ def _warn_fallback(err: Exception) -> None:
     )
 
 
+def _dispatch(
+    backend: str,
+    x: Tensor,
+    triton_fn: Callable[[], Tensor],
+    compiled_fn: Callable[[], Tensor],
+    torch_fn: Callable[[], Tensor],
+) -> Tensor:
+    """Run the backend that `resolve_backend` picks; ``"auto"`` falls back to ``"torch"`` if compiling fails."""
+    name = resolve_backend(backend, x)
+    if name == "triton":
+        return triton_fn()
+    if name == "compile":
+        if backend != "auto" or torch.compiler.is_compiling():
+            return compiled_fn()
+        try:
+            return compiled_fn()
+        except Exception as err:  # a compiler that is missing or broken at run time
+            _warn_fallback(err)
+    return torch_fn()
+
+
 def divergence(x: Tensor, y: Tensor, temperature: float, *, divergence: str = "kl", backend: str = "auto") -> Tensor:
     """Per-row divergence of ``[batch, seq, vocab]`` logits -> ``[batch, seq]``, differentiable.
 
     ``divergence``: ``"kl"`` = KL(softmax(x/T) || softmax(y/T)), ``"reverse_kl"`` = KL(q || p),
-    ``"jsd"`` = Jensen-Shannon. float32 result (float64 for float64 inputs on the torch backend).
+    ``"jsd"`` = Jensen-Shannon, ``"hellinger"`` = squared Hellinger distance ``1 - sum_j sqrt(p_j q_j)``.
+    float32 result (float64 for float64 inputs on the torch backend).
     """
     if divergence == "reverse_kl":
         x, y, divergence = y, x, "kl"
-    name = resolve_backend(backend, x)
-    if name == "triton":
-        return _autograd.triton_divergence(x, y, temperature, divergence)
-    if name == "compile":
-        if backend != "auto" or torch.compiler.is_compiling():
-            return _autograd.CompiledDivergence.apply(x, y, temperature, divergence)
-        try:
-            return _autograd.CompiledDivergence.apply(x, y, temperature, divergence)
-        except Exception as err:  # a compiler that is missing or broken at run time
-            _warn_fallback(err)
-    return _autograd.TorchDivergence.apply(x, y, temperature, divergence)
+    return _dispatch(
+        backend,
+        x,
+        lambda: _autograd.triton_divergence(x, y, temperature, divergence),
+        lambda: _autograd.CompiledDivergence.apply(x, y, temperature, divergence),
+        lambda: _autograd.TorchDivergence.apply(x, y, temperature, divergence),
+    )
+
+
+def entropy(x: Tensor, temperature: float, *, backend: str = "auto") -> Tensor:
+    """Per-row entropy of ``softmax(x / T)`` for ``[batch, seq, vocab]`` logits -> ``[batch, seq]``, differentiable.
+
+    Backend choice as for `divergence`; float32 result (float64 for float64 inputs on the torch backend).
+    """
+    return _dispatch(
+        backend,
+        x,
+        lambda: _autograd.triton_entropy(x, temperature),
+        lambda: _autograd.CompiledEntropy.apply(x, temperature),
+        lambda: _autograd.TorchEntropy.apply(x, temperature),
+    )
 
 
 def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.PartialFn]:
@@ -157,5 +193,6 @@ __all__ = [
     "DIVERGENCES",
     "divergence",
     "divergence_from_hidden",
+    "entropy",
     "resolve_backend",
 ]

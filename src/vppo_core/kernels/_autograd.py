@@ -1,7 +1,8 @@
 """Autograd layer: Functions that save tensors and delegate to a backend's forward and backward.
 
-Each Function saves the two inputs (references, not copies) and the backend's ``[batch, seq, 4]``
-float32 row statistics, so the backward reads every input element once and recomputes no reduction.
+Each Function saves its inputs (references, not copies) and the backend's float64 row statistics
+(``[batch, seq, 4]`` for a divergence, ``[batch, seq, 2]`` for the entropy), so the backward reads every
+input element once and recomputes no reduction.
 The Triton backend is a ``torch.library.custom_op`` (opaque to ``torch.compile``); its autograd
 formula is registered here with ``torch.library.register_autograd``, the same save-and-delegate shape.
 """
@@ -51,6 +52,39 @@ class CompiledDivergence(torch.autograd.Function):
         return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
 
 
+class TorchEntropy(torch.autograd.Function):
+    """Row-wise entropy with the chunked eager kernels (the fallback, and float64 for gradcheck)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, temperature: float) -> Tensor:
+        value, stats = _torch.entropy_forward(x, temperature)
+        ctx.save_for_backward(x, stats)
+        ctx.temperature = temperature
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, stats = ctx.saved_tensors
+        return _torch.entropy_backward(grad, x, stats, ctx.temperature), None
+
+
+class CompiledEntropy(torch.autograd.Function):
+    """Row-wise entropy with the ``torch.compile`` kernels (traced into a caller's compiled graph)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, temperature: float) -> Tensor:
+        value, stats = _compile.entropy_forward(x, temperature)
+        ctx.save_for_backward(x, stats)
+        ctx.temperature = temperature
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        x, stats = ctx.saved_tensors
+        return _compile.entropy_backward(grad, x, stats, ctx.temperature), None
+
+
 def _triton_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     x, y, inv_t, divergence = inputs
     ctx.save_for_backward(x, y, output[1])
@@ -62,6 +96,18 @@ def _triton_backward(ctx: Any, grad: Tensor, _grad_stats: Tensor) -> tuple[Tenso
     x, y, stats = ctx.saved_tensors
     gx, gy = triton_ops().divergence_bwd(x, y, stats, grad, ctx.inv_t, ctx.divergence)
     return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
+
+
+def _triton_entropy_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, inv_t = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.inv_t = inv_t
+    ctx.mark_non_differentiable(output[1])
+
+
+def _triton_entropy_backward(ctx: Any, grad: Tensor, _grad_stats: Tensor) -> tuple[Tensor, None]:
+    x, stats = ctx.saved_tensors
+    return triton_ops().entropy_bwd(x, stats, grad, ctx.inv_t), None
 
 
 _TRITON: list[ModuleType] = []
@@ -80,6 +126,9 @@ def triton_ops() -> ModuleType:
         torch.library.register_autograd(
             "vppo_core::divergence_fwd", _triton_backward, setup_context=_triton_setup_context
         )
+        torch.library.register_autograd(
+            "vppo_core::entropy_fwd", _triton_entropy_backward, setup_context=_triton_entropy_setup_context
+        )
         _TRITON.append(_triton)
     return _TRITON[0]
 
@@ -87,6 +136,11 @@ def triton_ops() -> ModuleType:
 def triton_divergence(x: Tensor, y: Tensor, temperature: float, divergence: str) -> Tensor:
     ops = triton_ops()
     value, _ = ops.divergence_fwd(x, y, 1.0 / temperature, ops.div_code(divergence))
+    return value
+
+
+def triton_entropy(x: Tensor, temperature: float) -> Tensor:
+    value, _ = triton_ops().entropy_fwd(x, 1.0 / temperature)
     return value
 
 

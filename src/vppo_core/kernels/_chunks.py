@@ -34,14 +34,6 @@ def flatten_if_free(t: Tensor) -> Tensor:
         return t
 
 
-def flatten_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Flatten both like `flatten_if_free`, or neither (when only one of the two is a view)."""
-    xf, yf = flatten_if_free(x), flatten_if_free(y)
-    if xf.shape[0] != yf.shape[0]:
-        return x, y
-    return xf, yf
-
-
 def row_chunks(shape: torch.Size, chunk_rows: int) -> Iterator[tuple[int, slice]]:
     """``(batch index, seq slice)`` of every chunk of a ``[batch, seq, ...]`` shape."""
     for b in range(shape[0]):

@@ -12,10 +12,16 @@ so each input byte is read from memory once; the block statistics are ``5 / BLOC
 ``exp2`` instead of ``exp`` is deliberate: Inductor stores a reused ``exp`` result to memory on CPU
 (a full float32 copy of the input), while it recomputes ``exp2`` inside the loop.
 
-Backward. One pointwise pass per element, from the row statistics the forward saved
-(``lse_x, lse_y, a_x, a_y``, see `._torch`): reads both inputs, writes both gradients.
+The other row quantities use the same blocks and merge. Hellinger keeps ``m_x, s_x, m_y, s_y`` and
+``b = sum sqrt(2^{c (x - m_x)} 2^{c (y - m_y)})`` (the Bhattacharyya sum at the shift
+``(m_x + m_y)/2``, a square root instead of a third exponential), rescaled by
+``2^{c ((m_x,b - M_x) + (m_y,b - M_y))/2}``. The entropy of one input keeps ``m, s`` and
+``d = sum 2^{c (x - m)} (x - m)``, merged as ``D = sum_b w_b (d_b + (m_b - M) s_b)``.
 
-Compilation. One ``torch.compile`` function per (kind, dtype), ``dynamic=True``, so a new number of
+Backward. One pointwise pass per element, from the row statistics the forward saved
+(``lse_x, lse_y, a_x, a_y``, see `._torch`): reads the inputs, writes the gradients.
+
+Compilation. One ``torch.compile`` function per (kind, dtype, quantity), ``dynamic=True``, so a new number of
 tokens or a new vocabulary size does not recompile; the process keeps them for its lifetime and
 Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) serves later processes. Inside a caller's own
 ``torch.compile`` the plain functions below are traced into the caller's graph instead.
@@ -26,6 +32,7 @@ import math
 import shutil
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,12 +46,26 @@ _NEG_INF = -math.inf
 # ----------------------------------------------------------------------------- traced cores (no checks)
 
 
+def _finite_or_zero(m: Tensor) -> Tensor:
+    return torch.where(m == _NEG_INF, 0.0, m)  # all -inf so far: keep exp2() finite (it gives 0)
+
+
+def _blocks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab > BLOCK]`` -> views ``[rows, nb, BLOCK]`` and the tail ``[rows, 1..BLOCK]`` (no copy).
+
+    ``nb >= 1`` full blocks plus a tail of 1 to ``BLOCK`` entries, so no part is ever empty (an empty
+    part would change the traced graph).
+    """
+    nb = (x.shape[-1] - 1) // BLOCK
+    return x[:, : nb * BLOCK].unflatten(-1, (nb, BLOCK)), x[:, nb * BLOCK :]
+
+
 def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Raw maxima and base-2 sums over the last axis of float32 blocks ``[..., n]``."""
     mx = x.amax(-1, keepdim=True)
     my = y.amax(-1, keepdim=True)
-    ex = torch.exp2((x - torch.where(mx == _NEG_INF, 0.0, mx)) * c)
-    ey = torch.exp2((y - torch.where(my == _NEG_INF, 0.0, my)) * c)
+    ex = torch.exp2((x - _finite_or_zero(mx)) * c)
+    ey = torch.exp2((y - _finite_or_zero(my)) * c)
     d = torch.where(x > _NEG_INF, ex * (x - y), 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
 
@@ -52,21 +73,16 @@ def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tenso
 def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """float64 ``(lse_x, lse_y, sum_j p_j (x_j - y_j))`` of ``[rows, vocab]`` logits times ``inv_t`` (float64).
 
-    ``vocab > BLOCK``: ``nb >= 1`` full blocks plus a tail of 1 to ``BLOCK`` entries, so no part is
-    ever empty (an empty part would change the traced graph). ``vocab <= BLOCK``: one block per row.
+    ``vocab > BLOCK``: full blocks plus a tail (`_blocks`); ``vocab <= BLOCK``: one block per row.
     """
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = (inv_t * LOG2E).to(acc)
     if x.shape[-1] <= BLOCK:
         mx, sx, d, my, sy = _block_stats(x.to(acc), y.to(acc), c)
     else:
-        nb = (x.shape[-1] - 1) // BLOCK
-        main = _block_stats(
-            x[:, : nb * BLOCK].unflatten(-1, (nb, BLOCK)).to(acc),
-            y[:, : nb * BLOCK].unflatten(-1, (nb, BLOCK)).to(acc),
-            c,
-        )
-        tail = _block_stats(x[:, nb * BLOCK :].to(acc), y[:, nb * BLOCK :].to(acc), c)
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _block_stats(xt.to(acc), yt.to(acc), c)
         mx = torch.maximum(main[0].amax(-1), tail[0])
         my = torch.maximum(main[3].amax(-1), tail[3])
         wx = torch.exp2((main[0] - mx.unsqueeze(-1)) * c)
@@ -81,11 +97,88 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
     return lse_x, lse_y, d.double() * inv_t / sx.double()
 
 
-def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, jsd: bool = False) -> tuple[Tensor, Tensor]:
+def _hellinger_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Maxima, base-2 sums and ``b = sum sqrt(e_x e_y)`` (the Bhattacharyya sum at shift ``(m_x + m_y)/2``)."""
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    ex = torch.exp2((x - _finite_or_zero(mx)) * c)
+    ey = torch.exp2((y - _finite_or_zero(my)) * c)
+    return mx.squeeze(-1), ex.sum(-1), my.squeeze(-1), ey.sum(-1), torch.sqrt(ex * ey).sum(-1)
+
+
+def _hellinger_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 ``(lse_x, lse_y, lse((x + y)/2))`` of ``[rows, vocab]`` logits times ``inv_t``.
+
+    ``sqrt(e^{x - m_x} e^{y - m_y}) = e^{(x + y)/2 - (m_x + m_y)/2}``: a square root instead of a
+    third exponential, with the shift ``(m_x + m_y)/2`` (at least the maximum of ``(x + y)/2``).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        mx, sx, my, sy, b = _hellinger_block_stats(x.to(acc), y.to(acc), c)
+    else:
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _hellinger_block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _hellinger_block_stats(xt.to(acc), yt.to(acc), c)
+        mx = torch.maximum(main[0].amax(-1), tail[0])
+        my = torch.maximum(main[2].amax(-1), tail[2])
+        dx, dy = main[0] - mx.unsqueeze(-1), main[2] - my.unsqueeze(-1)
+        dx_tail, dy_tail = tail[0] - mx, tail[2] - my
+        sx = (main[1] * torch.exp2(dx * c)).sum(-1) + tail[1] * torch.exp2(dx_tail * c)
+        sy = (main[3] * torch.exp2(dy * c)).sum(-1) + tail[3] * torch.exp2(dy_tail * c)
+        # the shift of b moves by the mean of the two maxima's moves (exactly dx for identical inputs)
+        b = (main[4] * torch.exp2(0.5 * (dx + dy) * c)).sum(-1) + tail[4] * torch.exp2(0.5 * (dx_tail + dy_tail) * c)
+    lse_x = mx.double() * inv_t + torch.log(sx.double())
+    lse_y = my.double() * inv_t + torch.log(sy.double())
+    lse_h = 0.5 * (mx.double() + my.double()) * inv_t + torch.log(b.double())
+    return lse_x, lse_y, lse_h
+
+
+def _entropy_block_stats(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Maximum ``m``, ``s = sum 2^{c (x - m)}`` and ``d = sum 2^{c (x - m)} (x - m)`` over the last axis."""
+    m = x.amax(-1, keepdim=True)
+    shifted = x - _finite_or_zero(m)
+    e = torch.exp2(shifted * c)
+    d = torch.where(x > _NEG_INF, e * shifted, 0.0).sum(-1)
+    return m.squeeze(-1), e.sum(-1), d
+
+
+def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab]`` -> (entropy ``[rows]``, float64 stats ``[rows, 2] = (lse, sum_j p_j x_j / T)``).
+
+    With the row maximum ``M``, ``S = sum e^{(x - M)/T}`` and ``D = sum e^{(x - M)/T} (x - M)``:
+    ``H = log S - D / (S T)``. Blocks are merged to the row maximum with
+    ``D = sum_b w_b (d_b + (m_b - M) s_b)``, ``w_b = e^{(m_b - M)/T}``.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        m, s, d = _entropy_block_stats(x.to(acc), c)
+    else:
+        xb, xt = _blocks(x)
+        main = _entropy_block_stats(xb.to(acc), c)
+        tail = _entropy_block_stats(xt.to(acc), c)
+        m = torch.maximum(main[0].amax(-1), tail[0])
+        shift = torch.where(main[0] > _NEG_INF, main[0] - m.unsqueeze(-1), 0.0)  # an all -inf block has s_b = 0
+        shift_tail = torch.where(tail[0] > _NEG_INF, tail[0] - m, 0.0)
+        w, w_tail = torch.exp2(shift * c), torch.exp2(shift_tail * c)
+        s = (main[1] * w).sum(-1) + tail[1] * w_tail
+        d = ((main[2] + shift * main[1]) * w).sum(-1) + (tail[2] + shift_tail * tail[1]) * w_tail
+    s64, mean_shift = s.double(), d.double() * inv_t / s.double()
+    value = torch.log(s64) - mean_shift
+    stats = torch.stack([m.double() * inv_t + torch.log(s64), m.double() * inv_t + mean_shift], -1)
+    return value.clamp_min(0.0).to(acc), stats
+
+
+def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if divergence == "hellinger":
+        lse_x, lse_y, lse_h = _hellinger_stats(x, y, inv_t)
+        stats = torch.stack([lse_x, lse_y, lse_h, torch.zeros_like(lse_h)], -1)
+        return _torch.hellinger_value(stats).clamp_min(0.0).to(acc), stats
     lse_x, lse_y, a_x = _lse_stats(x, y, inv_t)
-    if not jsd:
+    if divergence == "kl":
         value = a_x - (lse_x - lse_y)
         return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
     a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse_x, lse_y, inv_t.to(acc))
@@ -95,12 +188,18 @@ def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, jsd: bool = False) -> tupl
 
 
 def backward_core(
-    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor, jsd: bool = False
+    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
     """Pointwise gradients of ``[rows, vocab]`` logits, in the inputs' dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), "jsd" if jsd else "kl")
+    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), divergence)
     return gx.to(x.dtype), gy.to(y.dtype)
+
+
+def entropy_backward_core(grad: Tensor, x: Tensor, stats: Tensor, inv_t: Tensor) -> Tensor:
+    """Pointwise entropy gradient of ``[rows, vocab]`` logits, in their dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _torch.entropy_chunk_grad(x, stats, grad, inv_t.to(acc)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- compilation and caching
@@ -141,48 +240,60 @@ def _options() -> dict[str, object]:
 
 
 def _forward_kl(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return forward_core(x, y, inv_t, jsd=False)
+    return forward_core(x, y, inv_t, "kl")
 
 
 def _forward_jsd(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return forward_core(x, y, inv_t, jsd=True)
+    return forward_core(x, y, inv_t, "jsd")
+
+
+def _forward_hellinger(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    return forward_core(x, y, inv_t, "hellinger")
 
 
 def _backward_kl(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return backward_core(grad, x, y, stats, inv_t, jsd=False)
+    return backward_core(grad, x, y, stats, inv_t, "kl")
 
 
 def _backward_jsd(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return backward_core(grad, x, y, stats, inv_t, jsd=True)
+    return backward_core(grad, x, y, stats, inv_t, "jsd")
 
 
-_CORES = {
-    ("forward", False): _forward_kl,
-    ("forward", True): _forward_jsd,
-    ("backward", False): _backward_kl,
-    ("backward", True): _backward_jsd,
+def _backward_hellinger(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    return backward_core(grad, x, y, stats, inv_t, "hellinger")
+
+
+_CORES: dict[tuple[str, str], Callable[..., Any]] = {
+    ("forward", "kl"): _forward_kl,
+    ("forward", "jsd"): _forward_jsd,
+    ("forward", "hellinger"): _forward_hellinger,
+    ("forward", "entropy"): entropy_forward_core,
+    ("backward", "kl"): _backward_kl,
+    ("backward", "jsd"): _backward_jsd,
+    ("backward", "hellinger"): _backward_hellinger,
+    ("backward", "entropy"): entropy_backward_core,
 }
 
 
 @functools.cache
-def _compiled(kind: str, dtype: torch.dtype, jsd: bool) -> Callable[..., tuple[Tensor, Tensor]]:
-    """One compiled function per (kind, dtype, divergence), kept for the life of the process.
+def _compiled(kind: str, dtype: torch.dtype, op: str) -> Callable[..., Any]:
+    """One compiled function per (kind, dtype, op), kept for the life of the process.
 
     Dynamo keeps its graphs (and its recompile limit) per code object, so each variant gets a copy
     of the core's code object: a new dtype never evicts another dtype's graphs.
     """
-    core = _CORES["forward" if kind == "forward_small" else kind, jsd]
+    core = _CORES["forward" if kind == "forward_small" else kind, op]
     tag = f"{core.__name__}_{kind}_{str(dtype).removeprefix('torch.')}"
     clone = types.FunctionType(core.__code__.replace(co_name=tag), core.__globals__, tag)
     return torch.compile(clone, dynamic=True, fullgraph=True, options=_options())
 
 
-def _call(kind: str, dtype: torch.dtype, jsd: bool, *args: Tensor) -> tuple[Tensor, Tensor]:
+def _call(kind: str, dtype: torch.dtype, op: str, *args: Tensor) -> Any:
     if torch.compiler.is_compiling():  # inside the caller's torch.compile: trace the plain function
-        return _CORES[kind, jsd](*args)
+        return _CORES[kind, op](*args)
     if kind == "forward" and args[0].shape[-1] <= BLOCK:  # a separate graph for the one-block case
-        return _compiled("forward_small", dtype, jsd)(*args)
-    return _compiled(kind, dtype, jsd)(*args)
+        return _compiled("forward_small", dtype, op)(*args)
+    return _compiled(kind, dtype, op)(*args)
 
 
 def _jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -228,12 +339,11 @@ def _scalar(value: float, x: Tensor) -> Tensor:
 
 def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``)."""
-    jsd = divergence == "jsd"
     inv_t = _scalar(1.0 / temperature, x)
     if x.shape[0] * x.shape[1] == 0:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 4), dtype=torch.float64)
-    parts = [_call("forward", x.dtype, jsd, xr, yr, inv_t) for xr, yr in _row_views(x, y)]
+    parts = [_call("forward", x.dtype, divergence, xr, yr, inv_t) for xr, yr in _row_views(x, y)]
     if len(parts) == 1:
         value, stats = parts[0]
     else:
@@ -245,14 +355,43 @@ def backward(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``x`` and ``y`` (``[batch, seq, vocab]``), in their dtypes."""
-    jsd = divergence == "jsd"
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(y)
     inv_t = _scalar(1.0 / temperature, x)
     views = _row_views(x, y)
     if len(views) == 1:
         (xr, yr), g, s = views[0], grad.reshape(-1), stats.reshape(-1, 4)
-        gx, gy = _call("backward", x.dtype, jsd, g, xr, yr, s, inv_t)
+        gx, gy = _call("backward", x.dtype, divergence, g, xr, yr, s, inv_t)
         return gx.view(x.shape), gy.view(y.shape)
-    grads = [_call("backward", x.dtype, jsd, grad[b], xr, yr, stats[b], inv_t) for b, (xr, yr) in enumerate(views)]
+    grads = [
+        _call("backward", x.dtype, divergence, grad[b], xr, yr, stats[b], inv_t) for b, (xr, yr) in enumerate(views)
+    ]
     return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
+
+
+def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (entropy ``[batch, seq]``, stats ``[batch, seq, 2]``)."""
+    inv_t = _scalar(1.0 / temperature, x)
+    if x.shape[0] * x.shape[1] == 0:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 2), dtype=torch.float64)
+    parts = [_call("forward", x.dtype, "entropy", xr, inv_t) for (xr,) in _row_views(x)]
+    if len(parts) == 1:
+        value, stats = parts[0]
+    else:
+        value, stats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return value.view(x.shape[:-1]), stats.view(*x.shape[:-1], 2)
+
+
+def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
+    """Gradient w.r.t. ``x`` (``[batch, seq, vocab]``), in its dtype."""
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    inv_t = _scalar(1.0 / temperature, x)
+    views = _row_views(x)
+    if len(views) == 1:
+        gx = _call("backward", x.dtype, "entropy", grad.reshape(-1), views[0][0], stats.reshape(-1, 2), inv_t)
+        return gx.view(x.shape)
+    return torch.stack(
+        [_call("backward", x.dtype, "entropy", grad[b], xr, stats[b], inv_t) for b, (xr,) in enumerate(views)]
+    )

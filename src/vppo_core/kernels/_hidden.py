@@ -7,8 +7,9 @@ row statistics with the log-sum-exp rule
 
     lse = logaddexp(lse_1, lse_2),   a = a_1 e^{lse_1 - lse} + a_2 e^{lse_2 - lse}
 
-(``a = sum_j p_j (x_j - y_j)`` of a tile, normalised within the tile). The Jensen-Shannon divergence
-needs the full-row normalisers first, so it sweeps the tiles twice.
+(``a = sum_j p_j (x_j - y_j)`` of a tile, normalised within the tile). The squared Hellinger
+distance merges its third log-sum-exp, ``lse((x + y)/2)``, like the other two. The Jensen-Shannon
+divergence needs the full-row normalisers first, so it sweeps the tiles twice.
 
 The backward recomputes each tile's logits, gets the tile's logit gradients from the backend's
 pointwise backward (which needs only the saved full-row statistics), and accumulates
@@ -27,6 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._torch import hellinger_value
+
 ForwardFn = Callable[[Tensor, Tensor, float, str], tuple[Tensor, Tensor]]
 BackwardFn = Callable[[Tensor, Tensor, Tensor, Tensor, float, str], tuple[Tensor, Tensor]]
 PartialFn = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
@@ -41,12 +44,18 @@ def balanced_chunks(n: int, chunk: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _merge(run: Tensor | None, tile: Tensor) -> Tensor:
-    """Merge ``[rows, 3]`` (lse_x, lse_y, a_x) statistics of two disjoint vocabulary slices."""
+def _merge(run: Tensor | None, tile: Tensor, divergence: str) -> Tensor:
+    """Merge ``[rows, 3]`` statistics of two disjoint vocabulary slices.
+
+    ``(lse_x, lse_y, a_x)`` for the KL (``a_x`` weighted by the slices' shares of ``p``);
+    ``(lse_x, lse_y, lse_h)`` for the squared Hellinger distance (three log-sum-exps).
+    """
     if run is None:
         return tile
     lse_x = torch.logaddexp(run[:, 0], tile[:, 0])
     lse_y = torch.logaddexp(run[:, 1], tile[:, 1])
+    if divergence == "hellinger":
+        return torch.stack([lse_x, lse_y, torch.logaddexp(run[:, 2], tile[:, 2])], -1)
 
     def part(s: Tensor) -> Tensor:  # a slice that is all -inf has weight 0 (and a = 0/0 there)
         return torch.where(s[:, 0] == -math.inf, 0.0, s[:, 2] * torch.exp(s[:, 0] - lse_x))
@@ -71,19 +80,24 @@ def forward(
     values = torch.empty(tokens, dtype=acc, device=hx.device)
     stats = torch.zeros(tokens, 4, dtype=torch.float64, device=hx.device)  # merged in float64
     vslices = balanced_chunks(vocab, vocab_chunk)
+    tile_divergence = "hellinger" if divergence == "hellinger" else "kl"  # JSD: the KL's lse's, then a sweep
     for t in balanced_chunks(tokens, token_chunk):
         run = None
         for v in vslices:
             x = hx[t] @ weight[v].T
             y = hy[t] @ weight[v].T
-            _, tile = row_forward(x.unsqueeze(0), y.unsqueeze(0), temperature, "kl")
+            _, tile = row_forward(x.unsqueeze(0), y.unsqueeze(0), temperature, tile_divergence)
             del x, y  # before the next tile's GEMMs: at most two logit tiles are alive
-            run = _merge(run, tile[0, :, :3].double())
+            run = _merge(run, tile[0, :, :3].double(), divergence)
         assert run is not None
         lse_x, lse_y = run[:, 0], run[:, 1]
         if divergence == "kl":
             stats[t, :3] = run
             values[t] = run[:, 2] - (lse_x - lse_y)
+            continue
+        if divergence == "hellinger":
+            stats[t, :3] = run
+            values[t] = hellinger_value(stats[t])
             continue
         a_x = torch.zeros_like(lse_x)
         a_y = torch.zeros_like(lse_y)

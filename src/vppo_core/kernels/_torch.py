@@ -1,16 +1,24 @@
-"""Chunked eager PyTorch divergences over the vocabulary: the CPU fallback and the oracle's neighbour.
+"""Chunked eager PyTorch kernels over the vocabulary: the CPU fallback and the oracle's neighbour.
 
 Inputs are ``[batch, seq, vocab]`` (any strides). Rows are processed ``chunk_rows`` at a time, so the
 float32 temporaries (the upcast logits, ``p``, ``x - y``) exist for one chunk only and never for the
 whole input; nothing is copied when a slice such as ``logits[:, -R - 1 : -1]`` is passed.
 
-Every backend returns the value per row and four float64 statistics per row that the backward needs
-(so it reads the inputs once more and never recomputes a reduction)::
+Every backend returns the value per row and a few float64 statistics per row that the backward needs
+(so it reads the inputs once more and never recomputes a reduction). Divergences of two inputs keep
+four, with ``x = logits_img / T``, ``y = logits_noimg / T``, ``p = softmax(x)``, ``q = softmax(y)``::
 
-    stats = (lse_x, lse_y, a_x, a_y)      with x = logits_img / T, y = logits_noimg / T
-    kl:   a_x = sum_j p_j (x_j - y_j),                         KL  = a_x - (lse_x - lse_y)
-    jsd:  a_x = sum_j p_j log(p_j / m_j), a_y = the same for q, JSD = (a_x + a_y) / 2,  m = (p + q) / 2
-          (log(p/m) is formed as log(2p / (p + q)), so JSD(p, p) is exactly 0)
+    stats = (lse_x, lse_y, a_x, a_y)
+    kl:        a_x = sum_j p_j (x_j - y_j),                         KL  = a_x - (lse_x - lse_y)
+    jsd:       a_x = sum_j p_j log(p_j / m_j), a_y = the same for q, JSD = (a_x + a_y) / 2,  m = (p + q) / 2
+               (log(p/m) is formed as log(2p / (p + q)), so JSD(p, p) is exactly 0)
+    hellinger: a_x = lse((x + y) / 2), a_y = 0,    H^2 = 1 - BC = -expm1(log BC),
+               log BC = lse((x + y) / 2) - (lse_x + lse_y) / 2     (BC = sum_j sqrt(p_j q_j))
+
+The entropy of one input keeps two, ``(lse_x, a = sum_j p_j x_j)``, and ``H = lse_x - a``; it is
+computed shifted by the row maximum ``M``, ``H = lse(x - M) - sum_j p_j (x_j - M)``, so that no
+rounding proportional to ``|x|`` enters. Hellinger's ``lse((x + y)/2)`` is formed the same way, as
+``(M_x + M_y)/2 + log sum_j sqrt(e^{x_j - M_x} e^{y_j - M_y})``.
 
 The statistics are float64 (``max + log(sum)`` of a log-sum-exp is added in float64): they are tiny,
 and the logit-free path merges them across vocabulary tiles with ``e^{lse_tile - lse}``, whose
@@ -18,19 +26,41 @@ relative error would otherwise be ``eps_32 * |lse|`` (about 2e-6 for logits of s
 
 Gradients (``g`` the upstream gradient of the row)::
 
-    kl:   dx_j = g p_j ((x_j - y_j) - a_x) / T          dy_j = g (q_j - p_j) / T
-    jsd:  dx_j = g p_j (log(p_j / m_j) - a_x) / (2T)    dy_j = g q_j (log(q_j / m_j) - a_y) / (2T)
+    kl:        dx_j = g p_j ((x_j - y_j) - a_x) / T          dy_j = g (q_j - p_j) / T
+    jsd:       dx_j = g p_j (log(p_j / m_j) - a_x) / (2T)    dy_j = g q_j (log(q_j / m_j) - a_y) / (2T)
+    hellinger: dx_j = g (BC p_j - sqrt(p_j q_j)) / (2T)      dy_j = g (BC q_j - sqrt(p_j q_j)) / (2T)
+    entropy:   dx_j = -g p_j (x_j - a) / T
 
+(Hellinger: ``d log BC / dx_j = (r_j - p_j) / 2`` with ``r = softmax((x + y) / 2) = sqrt(p q) / BC``.)
 Entries with ``p_j = 0`` (``x_j = -inf``) contribute nothing, even where ``y_j = -inf`` too. Rows whose
 upstream gradient is exactly zero (masked rows) get exactly zero gradient, whatever they hold.
 """
+
+import math
 
 import torch
 from torch import Tensor
 
 from ._chunks import compute_dtype, default_chunk_rows, flatten_if_free, row_chunks
 
-DIVERGENCES = ("kl", "jsd")  # reverse_kl is kl with the arguments swapped (done by the caller)
+DIVERGENCES = ("kl", "jsd", "hellinger")  # reverse_kl is kl with the arguments swapped (done by the caller)
+
+
+def _resolve_vml_dispatch() -> None:
+    """One single-threaded call of each MKL VML function these kernels use, at import.
+
+    oneMKL picks a VML kernel lazily, on the first call; when that first call comes from several
+    intra-op threads at once, one thread's share can run a low-accuracy kernel (pytorch/pytorch#188792).
+    Measured on torch 2.13 with 2 threads: in about one process in six, the first ``torch.exp`` of a
+    ``[8, 301]`` float32 tensor had a relative error of 3e-5 on the second thread's half. A 1-element
+    call first resolves the dispatch; later calls are unaffected.
+    """
+    for dtype in (torch.float32, torch.float64):
+        one = torch.ones(1, dtype=dtype)
+        torch.exp(one), torch.expm1(one), torch.log(one), torch.sqrt(one)
+
+
+_resolve_vml_dispatch()
 
 
 def _p_weighted(p: Tensor, v: Tensor) -> Tensor:
@@ -46,15 +76,45 @@ def _log_ratios(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     return torch.log(2.0 * p / s), torch.log(2.0 * q / s)
 
 
+def _finite_max(x: Tensor) -> Tensor:
+    """Row maximum, replaced by 0 where it is not finite (all -inf: log 0 = -inf; +inf or NaN: reaches the sum)."""
+    m = x.amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, 0.0)
+
+
 def _lse64(x: Tensor) -> Tensor:
     """``logsumexp`` over the last axis, ``max + log(sum)`` added in float64 (see the module notes)."""
-    m = x.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, 0.0)  # all -inf: log 0 = -inf; +inf or NaN: reaches the sum
+    m = _finite_max(x)
     return m.double() + torch.exp(x - m).sum(-1, keepdim=True).double().log()
+
+
+def hellinger_value(stats: Tensor) -> Tensor:
+    """``H^2 = -expm1(log BC)`` from float64 ``[..., 4]`` statistics (``+0`` for identical inputs, never ``-0``)."""
+    return 0.0 - torch.expm1(stats[..., 2] - 0.5 * (stats[..., 0] + stats[..., 1]))
+
+
+def _hellinger_stats(xc: Tensor, yc: Tensor, inv_t: float) -> Tensor:
+    """float64 ``(lse_x, lse_y, lse((x + y)/2), 0)`` of one chunk of rows.
+
+    With ``e_x = exp((x - m_x)/T)`` and ``e_y = exp((y - m_y)/T)`` (shifted before scaling, so no
+    rounding proportional to ``|x|/T``): ``lse((x + y)/2) = (m_x + m_y)/(2T) + log sum sqrt(e_x e_y)``.
+    """
+    dtype = compute_dtype(xc)
+    x, y = xc.to(dtype), yc.to(dtype)
+    mx, my = _finite_max(x), _finite_max(y)
+    ex, ey = torch.exp((x - mx) * inv_t), torch.exp((y - my) * inv_t)
+    mx, my = mx.squeeze(-1).double() * inv_t, my.squeeze(-1).double() * inv_t
+    lse_x = mx + ex.sum(-1).double().log()
+    lse_y = my + ey.sum(-1).double().log()
+    lse_h = 0.5 * (mx + my) + torch.sqrt(ex * ey).sum(-1).double().log()
+    return torch.stack([lse_x, lse_y, lse_h, torch.zeros_like(lse_h)], -1)
 
 
 def _chunk_stats(xc: Tensor, yc: Tensor, inv_t: float, divergence: str) -> tuple[Tensor, Tensor]:
     """One chunk of rows -> (value, float64 stats[..., 4])."""
+    if divergence == "hellinger":
+        stats = _hellinger_stats(xc, yc, inv_t)
+        return hellinger_value(stats), stats
     dtype = compute_dtype(xc)
     x = xc.to(dtype) * inv_t
     y = yc.to(dtype) * inv_t
@@ -107,10 +167,15 @@ def chunk_grads(
     if divergence == "kl":
         gx = g * (_p_weighted(p, x - y) - p * a_x)
         gy = g * (q - p)
-    else:
+    elif divergence == "jsd":
         rp, rq = _log_ratios(p, q)
         gx = 0.5 * g * (_p_weighted(p, rp) - p * a_x)
         gy = 0.5 * g * (_p_weighted(q, rq) - q * a_y)
+    else:
+        bc = torch.exp(stats[..., 2] - 0.5 * (stats[..., 0] + stats[..., 1])).to(dtype).unsqueeze(-1)
+        root = torch.sqrt(p * q)  # sqrt(p_j q_j) = BC r_j
+        gx = 0.5 * g * (bc * p - root)
+        gy = 0.5 * g * (bc * q - root)
     return torch.where(live & (p > 0), gx, 0.0), torch.where(live, gy, 0.0)
 
 
@@ -132,6 +197,69 @@ def backward(
             x[b, rows], y[b, rows], stats[b, rows], grad[b, rows], 1.0 / temperature, divergence
         )
     return grad_x, grad_y
+
+
+# ----------------------------------------------------------------------------- entropy of one input
+
+
+def _entropy_chunk(xc: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """One chunk of rows -> (entropy, float64 stats ``[..., 2] = (lse, sum_j p_j x_j)``).
+
+    Shifted by the row maximum ``M`` (``H`` is shift-invariant): with ``e = exp((x - M)/T)``,
+    ``s = sum e`` and ``d = sum e (x - M)/T``, ``H = log s - d / s``. A row of only ``-inf`` has no
+    distribution (``s = 0``) and gives NaN, as does a NaN or ``+inf`` anywhere in the row.
+    """
+    dtype = compute_dtype(xc)
+    x = xc.to(dtype)
+    m = _finite_max(x)
+    shifted = (x - m) * inv_t  # shifted before scaling: no rounding proportional to |x|/T
+    e = torch.exp(shifted)
+    s = e.sum(-1).double()
+    d = torch.where(x > -math.inf, e * shifted, 0.0).sum(-1).double()
+    m = m.squeeze(-1).double() * inv_t
+    value = torch.log(s) - d / s
+    return value, torch.stack([m + torch.log(s), m + d / s], -1)
+
+
+def entropy_forward(x: Tensor, temperature: float, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row entropy of ``[batch, seq, vocab]`` logits -> (``[batch, seq]``, float64 stats ``[batch, seq, 2]``).
+
+    float32 result (float64 for float64 inputs), clamped at 0 against rounding (NaN stays NaN).
+    """
+    out = torch.empty(x.shape[:-1], dtype=compute_dtype(x), device=x.device)
+    stats = torch.empty((*x.shape[:-1], 2), dtype=torch.float64, device=x.device)
+    xf = flatten_if_free(x)
+    of, sf = out.view(xf.shape[:-1]), stats.view(*xf.shape[:-1], 2)
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
+    for b, rows in row_chunks(xf.shape, chunk_rows):
+        of[b, rows], sf[b, rows] = _entropy_chunk(xf[b, rows], 1.0 / temperature)
+    return out.clamp_min(0.0), stats  # a one-hot row can round to -1e-8
+
+
+def entropy_chunk_grad(xc: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
+    """``d(sum grad * H)/dx`` for one chunk of rows (any leading shape), in the compute dtype."""
+    dtype = compute_dtype(xc)
+    x = xc.to(dtype) * inv_t
+    lse, a = (s.to(dtype).unsqueeze(-1) for s in stats.unbind(-1))
+    g = grad.to(dtype).unsqueeze(-1) * inv_t
+    p = torch.exp(x - lse)
+    return torch.where((g != 0) & (p > 0), -g * p * (x - a), 0.0)
+
+
+def entropy_backward(
+    grad: Tensor, x: Tensor, stats: Tensor, temperature: float, chunk_rows: int | None = None
+) -> Tensor:
+    """Gradient of ``sum(grad * H)`` w.r.t. ``[batch, seq, vocab]`` logits, in their dtype."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    xf = flatten_if_free(x)
+    gf, sf, of = grad.reshape(xf.shape[:-1]), stats.reshape(*xf.shape[:-1], 2), grad_x.view(xf.shape)
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
+    for b, rows in row_chunks(xf.shape, chunk_rows):
+        of[b, rows] = entropy_chunk_grad(xf[b, rows], sf[b, rows], gf[b, rows], 1.0 / temperature)
+    return grad_x
+
+
+# ----------------------------------------------------------------------------- second sweep of the JSD
 
 
 def jsd_partial(xc: Tensor, yc: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,13 @@ rescaling them by ``e^{m_old - m_new}`` when a block raises a maximum, and write
 the row statistics ``(lse_x, lse_y, a_x, a_y)`` (see `._torch`). For the Jensen-Shannon divergence
 a second loop over the row (from L2) sums ``p log(p/m)`` and ``q log(q/m)`` once the lse's are known.
 
-Backward (one program per (row, block)): reads both blocks once and writes both gradients from the
+The squared Hellinger distance (``DIV == 2``) keeps ``b = sum sqrt(e^{x - m_x} e^{y - m_y})`` in
+place of ``d`` (the Bhattacharyya sum at the shift ``(m_x + m_y)/2``, rescaled by
+``e^{((m_x,old - m_x) + (m_y,old - m_y))/2}``) and writes ``1 - b / sqrt(s_x s_y)``. The entropy of one
+input has its own kernel with ``m, s = sum e^{x - m}, d = sum e^{x - m} (x - m)`` (``d`` moves to a new
+maximum ``m'`` as ``e^{m - m'} (d + (m - m') s)``) and writes ``log s - d / s``.
+
+Backward (one program per (row, block)): reads the blocks once and writes the gradients from the
 saved row statistics, so no reduction is recomputed.
 
 Layout: ``[batch, seq, vocab]`` with any batch and seq strides and a unit vocabulary stride; offsets
@@ -23,8 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-DIV_KL, DIV_JSD = 0, 1
-_DIV = {"kl": DIV_KL, "jsd": DIV_JSD}
+DIV_KL, DIV_JSD, DIV_HELLINGER = 0, 1, 2
+_DIV = {"kl": DIV_KL, "jsd": DIV_JSD, "hellinger": DIV_HELLINGER}
 
 
 @triton.jit
@@ -55,7 +61,7 @@ def _fwd_kernel(
     m_y = zero - float("inf")
     s_x = zero
     s_y = zero
-    d = zero
+    d = zero  # KL/JSD: sum e^{x - m_x} (x - y); Hellinger: sum sqrt(e^{x - m_x} e^{y - m_y})
     for start in range(0, VOCAB, BLOCK):
         offs = start + cols
         live = offs < VOCAB
@@ -69,7 +75,11 @@ def _fwd_kernel(
         ex = tl.exp(x - use_x)
         ey = tl.exp(y - use_y)
         s_x = s_x * alpha_x + tl.sum(ex, 0)
-        d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
+        if DIV == 2:  # the shift of the Bhattacharyya sum is (m_x + m_y) / 2
+            # sqrt_rn (IEEE, not the fast approximation): sqrt(e * e) == e, so H^2(p, p) is exactly 0
+            d = d * tl.exp(0.5 * ((m_x - use_x) + (m_y - use_y))) + tl.sum(tl.sqrt_rn(ex * ey), 0)
+        else:
+            d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
         s_y = s_y * tl.exp(m_y - use_y) + tl.sum(ey, 0)
         m_x = new_x
         m_y = new_y
@@ -78,7 +88,10 @@ def _fwd_kernel(
     lse_y = m_y.to(tl.float64) + tl.log(s_y).to(tl.float64)
     a_x = (d / s_x).to(tl.float64)
     a_y = zero.to(tl.float64)
-    if DIV == 1:  # Jensen-Shannon: a second sweep once the normalisers are known
+    if DIV == 2:  # squared Hellinger: a_x holds lse((x + y) / 2); 1 - BC with BC = d / sqrt(s_x s_y)
+        a_x = 0.5 * (m_x.to(tl.float64) + m_y.to(tl.float64)) + tl.log(d).to(tl.float64)
+        value = 1.0 - d.to(tl.float64) / tl.sqrt(s_x.to(tl.float64) * s_y.to(tl.float64))
+    elif DIV == 1:  # Jensen-Shannon: a second sweep once the normalisers are known
         a_x = zero
         a_y = zero
         lse_x32 = lse_x.to(tl.float32)
@@ -138,7 +151,13 @@ def _bwd_kernel(
     y = tl.load(Y + b * stride_yb + s * stride_ys + offs, mask=live, other=0.0).to(tl.float32) * inv_t
     p = tl.exp(x - lse_x)
     q = tl.exp(y - lse_y)
-    if DIV == 1:
+    if DIV == 2:  # squared Hellinger: log BC = lse_h - (lse_x + lse_y) / 2, formed in float64
+        log_bc = tl.load(STATS + row * 4 + 2) - 0.5 * (tl.load(STATS + row * 4 + 0) + tl.load(STATS + row * 4 + 1))
+        bc = tl.exp(log_bc.to(tl.float32))
+        root = tl.sqrt_rn(p * q)
+        gx = 0.5 * g * (bc * p - root)
+        gy = 0.5 * g * (bc * q - root)
+    elif DIV == 1:
         pq = p + q
         gx = 0.5 * g * (tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0) - p * a_x)
         gy = 0.5 * g * (tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0) - q * a_y)
@@ -151,6 +170,54 @@ def _bwd_kernel(
     out = row * VOCAB + offs
     tl.store(GX + out, gx.to(GX.dtype.element_ty), mask=live)
     tl.store(GY + out, gy.to(GY.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _entropy_fwd_kernel(X, OUT, STATS, SEQ, VOCAB, stride_xb, stride_xs, inv_t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // SEQ
+    s = row - b * SEQ
+    x_row = X + b * stride_xb + s * stride_xs
+    cols = tl.arange(0, BLOCK)
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), 0)
+    m = zero - float("inf")
+    total = zero  # sum e^{x - m}
+    d = zero  # sum e^{x - m} (x - m)
+    for start in range(0, VOCAB, BLOCK):
+        offs = start + cols
+        x = tl.load(x_row + offs, mask=offs < VOCAB, other=-float("inf")).to(tl.float32) * inv_t
+        new = tl.maximum(m, tl.max(x, 0))
+        use = tl.where(new == -float("inf"), 0.0, new)
+        alpha = tl.exp(m - use)
+        shifted = x - use
+        e = tl.exp(shifted)
+        # move d to the new shift: sum e^{x - m}(x - m) -> + (m - use) s; nothing while s = 0 (m = -inf)
+        moved = tl.where(total > 0, (m - use) * total, 0.0)
+        d = alpha * (d + moved) + tl.sum(tl.where(x > -float("inf"), e * shifted, 0.0), 0)
+        total = total * alpha + tl.sum(e, 0)
+        m = new
+    mean_shift = d / total
+    value = tl.log(total) - mean_shift  # no distribution (total = 0): NaN
+    tl.store(OUT + row, tl.where(value < 0.0, 0.0, value))  # clamp at 0 against rounding; NaN stays NaN
+    tl.store(STATS + row * 2 + 0, m.to(tl.float64) + tl.log(total).to(tl.float64))
+    tl.store(STATS + row * 2 + 1, m.to(tl.float64) + mean_shift.to(tl.float64))
+
+
+@triton.jit
+def _entropy_bwd_kernel(X, STATS, GRAD, GX, SEQ, VOCAB, stride_xb, stride_xs, inv_t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < VOCAB
+    b = row // SEQ
+    s = row - b * SEQ
+    g = tl.load(GRAD + row).to(tl.float32) * inv_t
+    lse = tl.load(STATS + row * 2 + 0).to(tl.float32)
+    a = tl.load(STATS + row * 2 + 1).to(tl.float32)
+    x = tl.load(X + b * stride_xb + s * stride_xs + offs, mask=live, other=0.0).to(tl.float32) * inv_t
+    p = tl.exp(x - lse)
+    gx = tl.where(p > 0, -g * p * (x - a), 0.0)
+    gx = tl.where(g != 0, gx, 0.0)  # masked rows: exactly zero, whatever they hold
+    tl.store(GX + row * VOCAB + offs, gx.to(GX.dtype.element_ty), mask=live)
 
 
 def _block(vocab: int, cap: int) -> int:
@@ -231,6 +298,48 @@ def launch_backward(
     return gx, gy
 
 
+def _unit_vocab_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def launch_entropy_forward(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (float32 entropy ``[batch, seq]``, float64 stats ``[batch, seq, 2]``)."""
+    x = _unit_vocab_stride(x)
+    batch, seq, vocab = x.shape
+    out = torch.empty((batch, seq), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, seq, 2), dtype=torch.float64, device=x.device)
+    if batch * seq == 0:
+        return out, stats
+    _entropy_fwd_kernel[(batch * seq,)](
+        x, out, stats, seq, vocab, x.stride(0), x.stride(1), inv_t, BLOCK=_block(vocab, _fwd_block()), num_warps=8
+    )
+    return out, stats
+
+
+def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
+    """Gradient w.r.t. ``x`` (contiguous, in its dtype)."""
+    x = _unit_vocab_stride(x)
+    batch, seq, vocab = x.shape
+    gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
+    if batch * seq == 0 or vocab == 0:
+        return gx
+    block = _block(vocab, 256 if _interpreting() else 2048)
+    _entropy_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
+        x,
+        stats.contiguous(),
+        grad.contiguous(),
+        gx,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        inv_t,
+        BLOCK=block,
+        num_warps=8,
+    )
+    return gx
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -256,6 +365,28 @@ def divergence_bwd(
 @divergence_bwd.register_fake
 def _(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+@torch.library.custom_op("vppo_core::entropy_fwd", mutates_args=())
+def entropy_fwd(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """Opaque to ``torch.compile``: the entropy launcher on ``[batch, seq, vocab]`` logits."""
+    return launch_entropy_forward(x, inv_t)
+
+
+@entropy_fwd.register_fake
+def _(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    batch, seq, _ = x.shape
+    return x.new_empty((batch, seq), dtype=torch.float32), x.new_empty((batch, seq, 2), dtype=torch.float64)
+
+
+@torch.library.custom_op("vppo_core::entropy_bwd", mutates_args=())
+def entropy_bwd(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
+    return launch_entropy_backward(x, stats, grad, inv_t)
+
+
+@entropy_bwd.register_fake
+def _(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def div_code(divergence: str) -> int:
