@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vppo_core.kernels as K
-from vppo_core import visual_dependency, visual_dependency_from_hidden
+from vppo_core import token_entropy, visual_dependency, visual_dependency_from_hidden
 from vppo_core.kernels import _compile, _hidden
 
 from .helpers import assert_inputs_unchanged, random_mask
@@ -41,6 +41,8 @@ def oracle(x: torch.Tensor, y: torch.Tensor, divergence: str = "kl", temperature
         x, y = y, x
     logp, logq = x.log_softmax(-1), y.log_softmax(-1)
     p, q = logp.exp(), logq.exp()
+    if divergence == "hellinger":  # squared: 1 - sum_j sqrt(p_j q_j)
+        return 1.0 - torch.sqrt(p * q).sum(-1)
     if divergence in ("kl", "reverse_kl"):
         return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
     m = (p + q) / 2
@@ -54,6 +56,8 @@ def naive(x: torch.Tensor, y: torch.Tensor, divergence: str = "kl", temperature:
     if divergence == "reverse_kl":
         x, y = y, x
     logp, logq = torch.log_softmax(x / temperature, -1), torch.log_softmax(y / temperature, -1)
+    if divergence == "hellinger":
+        return 1.0 - torch.sqrt(logp.exp() * logq.exp()).sum(-1)
     if divergence in ("kl", "reverse_kl"):
         return F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1)
     logm = torch.logaddexp(logp, logq) - math.log(2.0)
@@ -104,14 +108,14 @@ def check_forward(backend: str, x, y, divergence="kl", temperature=1.0, mask=Non
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
 @pytest.mark.parametrize("shape", [(3, 7, 1271), (5, 64), (2, 1, 3)])
 def test_torch_backend_matches_oracle(dtype, divergence, shape):
     x, y = logits(shape, dtype)
     check_forward("torch", x, y, divergence, temperature=0.7)
 
 
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
 def test_torch_backend_gradcheck_float64(divergence):
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
@@ -131,15 +135,19 @@ def test_torch_backend_gradcheck_float64(divergence):
     seed=st.integers(0, 2**16),
 )
 def test_property_divergence_bounds(rows, vocab, scale, temperature, seed):
-    """0 <= JSD <= log 2 (up to float32 rounding), KL >= 0, reverse KL = KL with swapped arguments, 0 if equal."""
+    """0 <= JSD <= log 2 (up to float32 rounding), 0 <= H^2 <= 1 and symmetric, KL >= 0, reverse KL = KL
+    with swapped arguments, 0 if equal."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, vocab, generator=g) * scale
     y = torch.randn(rows, vocab, generator=g) * scale
     kw = {"temperature": temperature, "backend": "torch"}
     jsd = visual_dependency(x, y, divergence="jsd", **kw)
     assert ((jsd >= 0) & (jsd <= math.log(2) + 1e-5)).all()  # up to float32 rounding
+    h2 = visual_dependency(x, y, divergence="hellinger", **kw)
+    assert ((h2 >= 0) & (h2 <= 1)).all()
+    torch.testing.assert_close(h2, visual_dependency(y, x, divergence="hellinger", **kw), rtol=0, atol=1e-6)
     assert torch.equal(visual_dependency(x, y, divergence="reverse_kl", **kw), visual_dependency(y, x, **kw))
-    for div in ("kl", "jsd"):
+    for div in ("kl", "jsd", "hellinger"):
         assert torch.equal(visual_dependency(x, x, divergence=div, **kw), torch.zeros(rows))
 
 
@@ -192,31 +200,38 @@ COMPILE_SHAPE = (2, 3, 9001)  # vocab > 2 blocks of 4096 plus a tail: the genera
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_compile_backend_matches_oracle(dtype):
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_compile_backend_matches_oracle(dtype, divergence):
     x, y = logits(COMPILE_SHAPE, dtype)
     x[0, 0, :100] = -math.inf  # -inf in p only
     x[0, 1, :100] = -math.inf  # -inf in both
     y[0, 1, :100] = -math.inf
+    if divergence == "hellinger":
+        y[0, 2, 4000:4200] = -math.inf  # finite p, zero q (across a block boundary): those terms are 0
     mask = torch.ones(COMPILE_SHAPE[:-1], dtype=torch.bool)
     mask[1] = False  # a fully masked row of the batch
     x[1, 2] = float("nan")  # garbage under the mask
-    got = check_forward("compile", x, y, "kl", temperature=0.7, mask=mask)
+    got = check_forward("compile", x, y, divergence, temperature=0.7, mask=mask)
     assert torch.equal(got[1], torch.zeros(3))
     # identical inputs give exactly 0, as on the torch path
-    assert torch.equal(visual_dependency(x[:1], x[:1], backend="compile"), torch.zeros(1, 3))
+    assert torch.equal(visual_dependency(x[:1], x[:1], divergence=divergence, backend="compile"), torch.zeros(1, 3))
 
 
 @pytest.mark.slow
 def test_compile_backend_odd_vocab_inf_and_nan():
-    x, y = logits((4, 1271), torch.float32)  # one block (vocab <= 4096): the small graph
+    x, y = logits((5, 1271), torch.float32)  # one block (vocab <= 4096): the small graph
     x[1, :10] = -math.inf
-    y[2, 5] = -math.inf  # finite p, zero q: KL is +inf
+    y[2, 5] = -math.inf  # finite p, zero q: KL is +inf, Hellinger finite
     x[3, 7] = float("nan")
+    x[4] = -math.inf  # no distribution p
     got = visual_dependency(x, y, backend="compile")
     expected = oracle(x, y)
     torch.testing.assert_close(got[:2].double(), expected[:2], rtol=1e-5, atol=1e-5)
     assert got[2] == math.inf
     assert got[3].isnan()
+    h2 = visual_dependency(x, y, divergence="hellinger", backend="compile")
+    torch.testing.assert_close(h2[:3].double(), oracle(x[:3], y[:3], "hellinger"), rtol=0, atol=1e-6)
+    assert h2[3:].isnan().all()
 
 
 @pytest.mark.slow
@@ -262,20 +277,22 @@ def test_compile_backward_random_upstream(dtype):
 
 
 @pytest.mark.slow
-def test_compile_backward_jsd():
+@pytest.mark.parametrize("divergence", ["jsd", "hellinger"])
+def test_compile_backward_other_divergences(divergence):
     x, y = logits((3, 4, 9001), torch.float32, scale=2.0)
-    err, err_naive = grad_errors("compile", x, y, random_mask(3, 4), torch.randn(3, 4), divergence="jsd")
+    err, err_naive = grad_errors("compile", x, y, random_mask(3, 4), torch.randn(3, 4), divergence=divergence)
     assert err <= err_naive + GRAD_TOL[torch.float32], (err, err_naive)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("compile", marks=pytest.mark.slow)])
-def test_masked_rows_get_exactly_zero_gradient_even_with_nan(backend):
+def test_masked_rows_get_exactly_zero_gradient_even_with_nan(backend, divergence):
     x, y = torch.randn(2, 4, 9001), torch.randn(2, 4, 9001)
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
     x[~mask] = float("nan")
     y[~mask] = float("inf")
     x.requires_grad_(), y.requires_grad_()
-    visual_dependency(x, y, mask, backend=backend).sum().backward()
+    visual_dependency(x, y, mask, divergence=divergence, backend=backend).sum().backward()
     assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
     assert torch.equal(y.grad[~mask], torch.zeros_like(y.grad[~mask]))
     assert torch.isfinite(x.grad[mask]).all() and torch.isfinite(y.grad[mask]).all()
@@ -284,12 +301,15 @@ def test_masked_rows_get_exactly_zero_gradient_even_with_nan(backend):
 def user_step(x, y, mask, upstream, backend):
     dep = visual_dependency(x, y, mask, temperature=1.3, backend=backend)
     jsd = visual_dependency(x, y, mask, divergence="jsd", backend=backend)
-    return (dep * upstream).sum() + jsd.sum(), dep
+    h2 = visual_dependency(x, y, mask, divergence="hellinger", backend=backend)
+    entropy = token_entropy(x, mask, temperature=0.9, backend=backend)
+    return (dep * upstream).sum() + jsd.sum() + (h2 * upstream).sum() - 0.1 * entropy.sum(), dep
 
 
 @pytest.mark.slow
 def test_inside_user_torch_compile_fullgraph():
-    """A user's step calling visual_dependency (KL as a loss, JSD) compiles as one graph and matches eager."""
+    """A user's step calling visual_dependency (KL as a loss, JSD, Hellinger) and token_entropy compiles
+    as one graph and matches eager."""
     x, y = logits((3, 4, 600), torch.float32)
     x.requires_grad_(), y.requires_grad_()
     mask, upstream = random_mask(3, 4), torch.randn(3, 4)
@@ -312,7 +332,7 @@ def hidden_case(dtype=torch.float64, tokens=(2, 7), hidden=16, vocab=301):
     return hx.to(dtype), hy.to(dtype), w.to(dtype)
 
 
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
 @pytest.mark.parametrize("chunks", [(4, 50), (3, 301), (100, 7)])
 def test_from_hidden_matches_materialised_logits_and_gradients(divergence, chunks):
     hx, hy, w = (t.requires_grad_() for t in hidden_case())

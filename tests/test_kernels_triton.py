@@ -1,4 +1,4 @@
-"""Triton kernels of visual_dependency: forward, backward, custom ops, inside torch.compile.
+"""Triton kernels of visual_dependency and token_entropy: forward, backward, custom ops, inside torch.compile.
 
 Runs on CUDA when present; on the CPU only under ``TRITON_INTERPRET=1`` (``test_kernels.py`` starts it in
 a subprocess with the variable set before anything imports the kernel module). Otherwise every test skips.
@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from vppo_core import visual_dependency, visual_dependency_from_hidden
+from vppo_core import token_entropy, visual_dependency, visual_dependency_from_hidden
 
+from . import test_kernels_entropy as entropy_tests
 from .helpers import assert_inputs_unchanged, random_mask
 from .test_kernels import GRAD_TOL, TOL, assert_no_worse_than_naive, logits, naive, oracle
 
@@ -32,7 +33,7 @@ def on_device(*ts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
 @pytest.mark.parametrize("shape", [(3, 7, 1271), (2, 513), (1, 1, 3)])
 def test_forward_matches_oracle(dtype, divergence, shape):
     x, y = on_device(*logits(shape, dtype))
@@ -58,6 +59,39 @@ def test_neg_inf_nan_masked_rows_and_exact_zero():
     assert torch.equal(same, torch.zeros(2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 7, 1271), (2, 513), (1, 1, 3)])
+def test_entropy_forward_matches_oracle(dtype, shape):
+    x = entropy_tests.logits(shape, dtype)
+    got = assert_inputs_unchanged(token_entropy, on_device(x)[0], temperature=0.7, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == shape[:-1] and got.device.type == DEVICE
+    err = (got.cpu().double() - entropy_tests.oracle(x, 0.7)).abs().max()
+    err_naive = (entropy_tests.naive(x, 0.7).double() - entropy_tests.oracle(x, 0.7)).abs().max()
+    assert err <= err_naive + TOL[dtype], (err, err_naive)
+
+
+def test_hellinger_and_entropy_special_values():
+    x, y = logits((6, 300), torch.float32)
+    x[0, :10] = -math.inf  # -inf in p only: contributes nothing
+    x[1, :10] = -math.inf  # -inf in both
+    y[1, :10] = -math.inf
+    y[2, 5:290] = -math.inf  # finite p, zero q: those terms of BC are 0 (spans both 256-blocks)
+    x[3, 7] = float("nan")  # NaN at a counted row
+    x[4] = -math.inf  # no distribution p
+    x[5] = float("nan")  # NaN under the mask
+    mask = torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    h2 = visual_dependency(*on_device(x, y, mask), divergence="hellinger", backend="triton").cpu()
+    torch.testing.assert_close(h2[:3].double(), oracle(x[:3], y[:3], "hellinger"), rtol=0, atol=1e-6)
+    assert h2[3:5].isnan().all() and h2[5] == 0
+    same = visual_dependency(*on_device(x[:3], x[:3]), divergence="hellinger", backend="triton").cpu()
+    assert torch.equal(same, torch.zeros(3))  # exactly 0 for identical inputs
+    x[2] = -math.inf
+    x[2, 299] = 1.0  # one finite entry: entropy exactly 0
+    h = token_entropy(*on_device(x, mask), backend="triton").cpu()
+    torch.testing.assert_close(h[:2].double(), entropy_tests.oracle(x[:2]), rtol=0, atol=2e-6)
+    assert h[2] == 0 and h[3:5].isnan().all() and h[5] == 0
+
+
 def test_strided_token_axis_is_read_in_place():
     full = torch.randn(4, 12, 700)
     x = full[:, 3:-1]  # [batch, seq] strides that do not flatten
@@ -65,10 +99,14 @@ def test_strided_token_axis_is_read_in_place():
     assert not x.is_contiguous() and not y.is_contiguous() and x.stride() != y.stride()
     got = visual_dependency(*on_device(x, y), backend="triton").cpu()
     torch.testing.assert_close(got.double(), oracle(x, y), rtol=1e-5, atol=1e-5)
+    got = visual_dependency(*on_device(x, y), divergence="hellinger", backend="triton").cpu()
+    torch.testing.assert_close(got.double(), oracle(x, y, "hellinger"), rtol=0, atol=1e-6)
+    got = token_entropy(on_device(y)[0], backend="triton").cpu()
+    torch.testing.assert_close(got.double(), entropy_tests.oracle(y), rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "hellinger"])
 def test_backward_random_upstream(dtype, divergence):
     x, y = logits((3, 4, 531), dtype, scale=2.0)
     mask, upstream = random_mask(3, 4), torch.randn(3, 4)
@@ -88,15 +126,41 @@ def test_backward_random_upstream(dtype, divergence):
     assert errs[0] <= errs[1] + GRAD_TOL[dtype], errs
 
 
-def test_masked_rows_get_exactly_zero_gradient_even_with_nan():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_backward_random_upstream(dtype):
+    x = entropy_tests.logits((3, 4, 531), dtype, scale=2.0)
+    mask, upstream = random_mask(3, 4), torch.randn(3, 4)
+    x64 = x.double().requires_grad_()
+    (entropy_tests.oracle(x64, 1.3) * upstream.double() * mask).sum().backward()
+    errs = []
+    for backend in ("triton", "naive"):
+        a = x.clone().to(DEVICE).requires_grad_()
+        m, u = on_device(mask, upstream)
+        if backend == "naive":
+            out = torch.where(m, entropy_tests.naive(a, 1.3), 0.0)
+        else:
+            out = token_entropy(a, m, temperature=1.3, backend="triton")
+        (out * u.to(out.dtype)).sum().backward()
+        assert a.grad.dtype == dtype and a.grad.shape == x.shape
+        errs.append((a.grad.cpu().double() - x64.grad).abs().max())
+    assert errs[0] <= errs[1] + GRAD_TOL[dtype], errs
+
+
+@pytest.mark.parametrize("divergence", ["kl", "hellinger", "entropy"])
+def test_masked_rows_get_exactly_zero_gradient_even_with_nan(divergence):
     x, y = torch.randn(2, 4, 300), torch.randn(2, 4, 300)
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
     x[~mask] = float("nan")
+    x[0, 0, :260] = -math.inf  # a whole 256-block and part of the next: zero gradient there
     x, y, mask = on_device(x, y, mask)
     x.requires_grad_(), y.requires_grad_()
-    visual_dependency(x, y, mask, backend="triton").sum().backward()
+    if divergence == "entropy":
+        token_entropy(x, mask, backend="triton").backward(torch.randn(2, 4, device=DEVICE))
+    else:
+        visual_dependency(x, y, mask, divergence=divergence, backend="triton").sum().backward()
+        assert torch.equal(y.grad[~mask], torch.zeros_like(y.grad[~mask]))
     assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
-    assert torch.equal(y.grad[~mask], torch.zeros_like(y.grad[~mask]))
+    assert torch.equal(x.grad[0, 0, :260], torch.zeros(260, device=DEVICE))
     assert torch.isfinite(x.grad[mask]).all()
 
 
@@ -107,14 +171,22 @@ def test_custom_ops_pass_opcheck():
     x, y = on_device(*logits((2, 3, 300), torch.float32))
     x.requires_grad_(), y.requires_grad_()
     torch.library.opcheck(ops.divergence_fwd, (x, y, 0.8, ops.DIV_KL))
-    _, stats = ops.divergence_fwd(x.detach(), y.detach(), 0.8, ops.DIV_JSD)
+    torch.library.opcheck(ops.divergence_fwd, (x, y, 0.8, ops.DIV_HELLINGER))
+    torch.library.opcheck(ops.entropy_fwd, (x, 0.8))
     grad = torch.randn(2, 3, device=DEVICE)
-    torch.library.opcheck(ops.divergence_bwd, (x.detach(), y.detach(), stats, grad, 0.8, ops.DIV_JSD))
+    for code in (ops.DIV_JSD, ops.DIV_HELLINGER):
+        _, stats = ops.divergence_fwd(x.detach(), y.detach(), 0.8, code)
+        torch.library.opcheck(ops.divergence_bwd, (x.detach(), y.detach(), stats, grad, 0.8, code))
+    _, stats = ops.entropy_fwd(x.detach(), 0.8)
+    torch.library.opcheck(ops.entropy_bwd, (x.detach(), stats, grad, 0.8))
 
 
 def test_inside_user_torch_compile_fullgraph():
     def step(x, y, mask, upstream):
-        return (visual_dependency(x, y, mask, temperature=1.3, backend="triton") * upstream).sum()
+        dep = visual_dependency(x, y, mask, temperature=1.3, backend="triton")
+        h2 = visual_dependency(x, y, mask, divergence="hellinger", backend="triton")
+        entropy = token_entropy(x, mask, temperature=0.9, backend="triton")
+        return ((dep + h2) * upstream).sum() - 0.1 * entropy.sum()
 
     x, y = on_device(*logits((3, 4, 600), torch.float32))
     x.requires_grad_(), y.requires_grad_()
@@ -126,15 +198,17 @@ def test_inside_user_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def test_from_hidden_with_triton_tiles():
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_from_hidden_with_triton_tiles(divergence):
     hx = torch.randn(2, 5, 16)
     hy = hx + 0.3 * torch.randn(2, 5, 16)
     w = torch.randn(301, 16)
     mask, upstream = random_mask(2, 5), torch.randn(2, 5)
     hx, hy, w, mask, upstream = on_device(hx, hy, w, mask, upstream)
     hx.requires_grad_(), hy.requires_grad_(), w.requires_grad_()
-    got = visual_dependency_from_hidden(hx, hy, w, mask, backend="triton", chunk_size=4, vocab_chunk_size=100)
-    ref = visual_dependency(hx @ w.T, hy @ w.T, mask, backend="torch")
+    kw = {"divergence": divergence}
+    got = visual_dependency_from_hidden(hx, hy, w, mask, backend="triton", chunk_size=4, vocab_chunk_size=100, **kw)
+    ref = visual_dependency(hx @ w.T, hy @ w.T, mask, backend="torch", **kw)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad((got * upstream).sum(), (hx, hy, w))
     grads_ref = torch.autograd.grad((ref * upstream).sum(), (hx, hy, w))
