@@ -13,6 +13,13 @@ Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
 - ``exp-floor``: a reference, not a provider: a compiled ``sum(exp2(x)) + sum(exp2(y))``, the least
   arithmetic any exact method does (two exponentials per vocabulary entry).
 
+The squared Hellinger distance and the token entropy run on the same kernels (``test_other``, groups
+``hellinger ...`` and ``entropy ...``, ``VPPO_BENCH_OTHER_TOKENS``, default ``2048``): ``naive`` is
+``softmax`` of both then ``1 - sum sqrt(p q)``, resp. ``log_softmax`` then ``-sum p log p``, in the
+input dtype; ``torch``, ``compile``, ``triton`` and ``+bwd`` call ``visual_dependency(...,
+divergence="hellinger")`` resp. ``token_entropy``. The entropy reads one input, so its bytes are those
+of ``x`` alone.
+
 Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]`` weight:
 ``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
 materialising the logits, nothing else).
@@ -36,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GiB, device, peak_extra_bytes, sync
-from vppo_core import kernels, visual_dependency, visual_dependency_from_hidden
+from vppo_core import kernels, token_entropy, visual_dependency, visual_dependency_from_hidden
 
 VOCAB = 151_936
 HIDDEN = 3_584
@@ -200,6 +207,88 @@ def test_logits(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_
     benchmark.group = f"logits {tokens}x{VOCAB} {dtype_name}"
     benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider})
     nbytes = 2 * x.numel() * x.element_size()
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+
+
+# ----------------------------------------------------------------------------- Hellinger and entropy
+
+OTHER_TOKENS = _env_ints("VPPO_BENCH_OTHER_TOKENS", "2048")
+
+
+def naive_hellinger(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.sqrt(torch.softmax(x, -1) * torch.softmax(y, -1)).sum(-1)
+
+
+def naive_entropy(x: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(x, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _hellinger(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if not bwd:
+            return visual_dependency(x, y, divergence="hellinger", backend=backend)
+        x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        return torch.autograd.grad(visual_dependency(x, y, divergence="hellinger", backend=backend).sum(), (x, y))
+
+    return run
+
+
+def _entropy(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if not bwd:
+            return token_entropy(x, backend=backend)
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(token_entropy(x, backend=backend).sum(), (x,))
+
+    return run
+
+
+OTHER: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]] = {
+    quantity: {
+        "naive": naive_hellinger if quantity == "hellinger" else lambda x, y: naive_entropy(x),
+        **{
+            name: make(backend, bwd)
+            for name, backend, bwd in (
+                ("torch", "torch", False),
+                ("compile", "compile", False),
+                ("compile+bwd", "compile", True),
+                ("triton", "triton", False),
+                ("triton+bwd", "triton", True),
+            )
+        },
+    }
+    for quantity, make in (("hellinger", _hellinger), ("entropy", _entropy))
+}
+OTHER_CASES = [
+    (tokens, dname, quantity, provider)
+    for tokens in OTHER_TOKENS
+    for dname in DTYPES
+    for quantity in OTHER
+    for provider in OTHER[quantity]
+    if not (provider in GPU_ONLY and not CUDA)
+]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dtype_name", "quantity", "provider"),
+    OTHER_CASES,
+    ids=[f"{t}-{d}-{q}-{p}" for t, d, q, p in OTHER_CASES],
+)
+def test_other(
+    benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_name: str, quantity: str, provider: str
+) -> None:
+    dtype = DTYPES[dtype_name]
+    need = extra_bytes_estimate(provider, tokens, dtype)
+    if need > 0.85 * (available_bytes() + (2 * tokens * VOCAB * dtype.itemsize if (tokens, dtype) in _CACHE else 0)):
+        pytest.skip(f"needs ~{need / GiB:.1f} GiB, more than this machine has available")
+    x, y = inputs(tokens, dtype)
+    fn = OTHER[quantity][provider]
+    benchmark.group = f"{quantity} {tokens}x{VOCAB} {dtype_name}"
+    benchmark.extra_info.update(
+        {"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider, "quantity": quantity}
+    )
+    nbytes = (2 if quantity == "hellinger" else 1) * x.numel() * x.element_size()
     _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
 
 
