@@ -33,7 +33,6 @@ from vppo_core.signals import (
     entropy_gap,
     hellinger,
     jensen_shannon,
-    jsd_available,
     log_ratio_signal,
     relative_position,
     top_p_entropy,
@@ -609,7 +608,6 @@ def test_entropy_gap():
     torch.testing.assert_close(out.gap, (hy - hx).abs())
 
 
-@pytest.mark.skipif(not jsd_available(), reason="visual_dependency(..., divergence='jsd') has not landed yet")
 def test_jensen_shannon_matches_oracle():
     g = torch.Generator().manual_seed(15)
     x, y = torch.randn(2, 4, 33, generator=g, dtype=F64), torch.randn(2, 4, 33, generator=g, dtype=F64) * 3
@@ -622,3 +620,13 @@ def test_jensen_shannon_matches_oracle():
 
     got = jensen_shannon(x, y, mask, temperature=1.2, backend="torch")
     torch.testing.assert_close(got, per_row(jsd_row, x, y, mask=mask), rtol=1e-10, atol=1e-12)
+
+
+def test_jensen_shannon_errors_name_its_own_arguments():
+    x = torch.randn(2, 3, 7)
+    with pytest.raises(ValueError, match=r"logits_p and logits_q must have the same dtype, got torch\.float32"):
+        jensen_shannon(x, x.double())
+    with pytest.raises(ValueError, match=r"logits_p must be .* got 4 dimensions"):
+        jensen_shannon(x[None], x[None])
+    with pytest.raises(ValueError, match="temperature"):
+        jensen_shannon(x, x, temperature=0.0)

@@ -23,7 +23,6 @@ which sorts, row chunk by row chunk) and never build a float32 copy of the whole
 feed a mask or a weight (selection and factor blocks do).
 """
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -58,6 +57,15 @@ def _check_logits(name: str, logits: Tensor) -> None:
             f"{name} must be [batch, seq, vocab] or [tokens, vocab], got {logits.ndim} dimensions "
             f"(shape {tuple(logits.shape)})"
         )
+
+
+def _check_view_pair(logits_p: Tensor, logits_q: Tensor, response_mask: Tensor | None, temperature: float) -> None:
+    """Argument checks of the two-view divergences, in their own argument names."""
+    check_positive("temperature", temperature)
+    _check_logits("logits_p", logits_p)
+    if logits_p.dtype != logits_q.dtype:
+        raise ValueError(f"logits_p and logits_q must have the same dtype, got {logits_p.dtype} and {logits_q.dtype}")
+    check_same_device(logits_p=logits_p, logits_q=logits_q, response_mask=response_mask)
 
 
 def _masked(values: Tensor, response_mask: Tensor | None) -> Tensor:
@@ -138,11 +146,6 @@ def log_ratio_signal(
 # ----------------------------------------------------------------------------- full-vocabulary divergences
 
 
-def jsd_available() -> bool:
-    """Whether [`visual_dependency`][vppo_core.visual_dependency] offers ``divergence="jsd"`` (the fused kernels)."""
-    return "divergence" in inspect.signature(visual_dependency).parameters
-
-
 @typechecked
 def jensen_shannon(
     logits_p: Float[Tensor, "*batch vocab"],
@@ -180,8 +183,7 @@ def jensen_shannon(
         float32 (float64 for float64 input).
 
     Raises:
-        NotImplementedError: If this version of [`visual_dependency`][vppo_core.visual_dependency]
-            has no ``divergence`` argument yet.
+        ValueError: On different dtypes or devices, a bad number of dimensions, or ``temperature <= 0``.
 
     Example:
         >>> import torch
@@ -190,12 +192,8 @@ def jensen_shannon(
         >>> bool(((jsd >= 0) & (jsd <= 0.6932)).all())
         True
     """
-    if not jsd_available():
-        raise NotImplementedError(
-            "jensen_shannon needs visual_dependency(..., divergence='jsd') from the fused-kernel work, which this "
-            "installation does not have yet"
-        )
-    return visual_dependency(  # type: ignore[call-arg]
+    _check_view_pair(logits_p, logits_q, response_mask, temperature)
+    return visual_dependency(
         logits_p, logits_q, response_mask, temperature=temperature, divergence="jsd", backend=backend
     )
 
@@ -258,11 +256,7 @@ def hellinger(
         >>> hellinger(x, y)  # identical, disjoint
         tensor([0., 1.])
     """
-    check_positive("temperature", temperature)
-    _check_logits("logits_p", logits_p)
-    if logits_p.dtype != logits_q.dtype:
-        raise ValueError(f"logits_p and logits_q must have the same dtype, got {logits_p.dtype} and {logits_q.dtype}")
-    check_same_device(logits_p=logits_p, logits_q=logits_q, response_mask=response_mask)
+    _check_view_pair(logits_p, logits_q, response_mask, temperature)
     h2 = visual_dependency(logits_p, logits_q, response_mask, temperature=temperature, divergence="hellinger")
     if squared:
         return h2
