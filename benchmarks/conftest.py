@@ -13,6 +13,7 @@ CUDA it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated befo
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import platform
@@ -89,8 +90,8 @@ def measure_bandwidth(nbytes: int = 2 * GiB) -> dict[str, float]:
     """Read (sum) and copy bandwidth in GB/s on the benchmark device, best of 5."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device())
     y = torch.empty_like(x)
-    read = nbytes / _best(lambda: x.sum()) / 1e9
-    copy = 2 * nbytes / _best(lambda: y.copy_(x)) / 1e9
+    read = nbytes / _best(x.sum) / 1e9
+    copy = 2 * nbytes / _best(functools.partial(y.copy_, x)) / 1e9
     del x, y
     _trim()
     return {"read_GBps": read, "copy_GBps": copy}

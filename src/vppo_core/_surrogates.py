@@ -23,7 +23,7 @@ def _check_clips(clip_low: float, clip_high: float, dual_clip: float | None) -> 
 def clipped_surrogate(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
@@ -80,7 +80,7 @@ def clipped_surrogate(
 def gspo_surrogate(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     *,
     clip_low: float = 3e-4,
@@ -131,7 +131,7 @@ def gspo_surrogate(
 def cispo_surrogate(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     *,
     clip_low: float = 1.0,
     clip_high: float = 0.28,

@@ -252,7 +252,7 @@ def _tas_factors(
 
 @typechecked
 def shape_advantages(
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     dependency: Float[Tensor, "batch seq2"],
     response_mask: Shaped[Tensor, "batch seq2"],
     *,
@@ -260,7 +260,7 @@ def shape_advantages(
     beta_max: float | None = None,
     group_ids: Integer[Tensor, " batch"] | None = None,
     process_group: ProcessGroupLike = None,
-) -> Float[Tensor, "batch *seq"]:
+) -> Float[Tensor, " batch *seq"]:
     r"""Trajectory-level Advantage Shaping (TAS): $\hat A'_i = \alpha_i \hat A_i$.
 
     Multiplies each trajectory's advantage (per-trajectory ``[batch]`` or per-token

@@ -44,7 +44,7 @@ __all__ = [
 def vppo_loss(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"] | None = None,
     *,
@@ -164,7 +164,7 @@ def vppo_loss(
 def gspo_loss(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"] | None = None,
     *,
@@ -233,7 +233,7 @@ def gspo_loss(
 def cispo_loss(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"] | None = None,
     *,

@@ -142,7 +142,7 @@ def pgpo_weights(
 
 @typechecked
 def pgpo_advantages(
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     dependency: Float[Tensor, "batch seq2"],
     response_mask: Shaped[Tensor, "batch seq2"],
     *,

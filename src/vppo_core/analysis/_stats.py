@@ -81,7 +81,7 @@ def trajectory_quantiles(
     dependency: Float[Tensor, "batch seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     q: float | Sequence[float],
-) -> Float[Tensor, "batch *q"]:
+) -> Float[Tensor, " batch *q"]:
     r"""Quantiles of each trajectory's token dependency, over its valid tokens only.
 
     With $x_{(0)} \le \dots \le x_{(n_i-1)}$ the sorted valid dependencies of trajectory $i$, the
@@ -144,7 +144,7 @@ def top_share(
     dependency: Float[Tensor, "batch seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     k: float | Sequence[float],
-) -> Float[Tensor, "batch *k"]:
+) -> Float[Tensor, " batch *k"]:
     r"""Share of each trajectory's total dependency carried by its top-$k$ fraction of tokens.
 
     The paper's sparsity measurement (VPPO, arXiv:2510.09285, Sec. 3): with
@@ -210,7 +210,7 @@ def fraction_above(
     dependency: Float[Tensor, "batch seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     thresholds: float | Sequence[float],
-) -> Float[Tensor, "batch *threshold"]:
+) -> Float[Tensor, " batch *threshold"]:
     r"""Fraction of each trajectory's valid tokens whose dependency is strictly above each threshold.
 
     $$

@@ -28,7 +28,7 @@ class CFPOOutput(NamedTuple):
 def cfpo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     counterfactual_logprobs: Float[Tensor, "batch seq"],
     *,

@@ -39,7 +39,7 @@ def _divergence_term(
 def dvrp(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     masked_logprobs: Float[Tensor, "batch seq"],
     noised_logprobs: Float[Tensor, "batch seq"],

@@ -17,7 +17,7 @@ __all__ = ["pepo", "pepo_advantages"]
 
 @typechecked
 def pepo_advantages(
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     similarity: Float[Tensor, "batch seq"],
     entropy: Float[Tensor, "batch seq"],
     response_mask: Shaped[Tensor, "batch seq"],
@@ -95,7 +95,7 @@ def pepo_advantages(
 def pepo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     similarity: Float[Tensor, "batch seq"],
     entropy: Float[Tensor, "batch seq"],

@@ -110,7 +110,7 @@ def tor_rollout(
 def tor(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_weights: Float[Tensor, "batch seq"],
     *,

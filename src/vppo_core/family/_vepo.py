@@ -28,7 +28,7 @@ class VEPOOutput(NamedTuple):
 
 @typechecked
 def vepo_rollout(
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     jsd: Float[Tensor, "batch seq"],
     entropy: Float[Tensor, "batch seq"],
     entropy_gap: Float[Tensor, "batch seq"],
@@ -95,7 +95,7 @@ def vepo_rollout(
 def vepo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"],
     entropy: Float[Tensor, "batch seq"],

@@ -28,7 +28,7 @@ class PAPOOutput(NamedTuple):
 def papo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     masked_logprobs: Float[Tensor, "batch seq"],
     *,

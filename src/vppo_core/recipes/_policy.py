@@ -11,7 +11,7 @@ from ..loss import LossOutput, vppo_loss
 def grpo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     ref_logprobs: Float[Tensor, "batch seq"] | None = None,
     *,
@@ -77,7 +77,7 @@ def grpo(
 def dapo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     *,
     clip_low: float = 0.2,
@@ -134,7 +134,7 @@ def dapo(
 def vppo(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"],
     *,
@@ -259,7 +259,7 @@ def pgpo(
 def high_entropy(
     logprobs: Float[Tensor, "batch seq"],
     old_logprobs: Float[Tensor, "batch seq"],
-    advantages: Float[Tensor, "batch *seq"],
+    advantages: Float[Tensor, " batch *seq"],
     response_mask: Shaped[Tensor, "batch seq"],
     token_mask: Shaped[Tensor, "batch seq"],
     *,
