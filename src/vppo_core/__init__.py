@@ -6,6 +6,7 @@ surrogate loss they feed. See the documentation for the maths and the papers.
 """
 
 from . import factors, family, recipes, selection, signals, transforms
+from ._joint import DependencyEntropies, visual_dependency_and_entropies
 from .advantages import advantage_factors, grpo_advantages, shape_advantages, trajectory_dependency
 from .dependency import sampled_visual_dependency, visual_dependency, visual_dependency_from_hidden
 from .distributed import LossDenominators, loss_denominators
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AGGREGATIONS",
+    "DependencyEntropies",
     "DoubleEntropyTerm",
     "LossDenominators",
     "LossOutput",
@@ -67,6 +69,7 @@ __all__ = [
     "trajectory_dependency",
     "transforms",
     "visual_dependency",
+    "visual_dependency_and_entropies",
     "visual_dependency_from_hidden",
     "vppo_loss",
 ]

@@ -85,6 +85,41 @@ class CompiledEntropy(torch.autograd.Function):
         return _compile.entropy_backward(grad, x, stats, ctx.temperature), None
 
 
+class TorchJoint(torch.autograd.Function):
+    """KL and both entropies, ``[batch, seq, 3]``, with the chunked eager kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float) -> Tensor:
+        values, stats = _torch.joint_forward(x, y, temperature)
+        ctx.save_for_backward(x, y, stats)
+        ctx.temperature = temperature
+        return values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, y, stats = ctx.saved_tensors
+        gx, gy = _torch.joint_backward(grad, x, y, stats, ctx.temperature)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
+
+
+class CompiledJoint(torch.autograd.Function):
+    """KL and both entropies, ``[batch, seq, 3]``, with the ``torch.compile`` kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float) -> Tensor:
+        values, stats = _compile.joint_forward(x, y, temperature)
+        ctx.save_for_backward(x, y, stats)
+        ctx.temperature = temperature
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, y, stats = ctx.saved_tensors
+        gx, gy = _compile.joint_backward(grad, x, y, stats, ctx.temperature)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
+
+
 def _triton_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     x, y, inv_t, divergence = inputs
     ctx.save_for_backward(x, y, output[1])

@@ -170,6 +170,68 @@ def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
     return value.clamp_min(0.0).to(acc), stats
 
 
+def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+    """`_block_stats` plus each input's ``h = sum 2^{c (x - m)} (x - m)`` (the entropies' sums)."""
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    sx_ = x - _finite_or_zero(mx)
+    sy_ = y - _finite_or_zero(my)
+    ex = torch.exp2(sx_ * c)
+    ey = torch.exp2(sy_ * c)
+    live_x = x > _NEG_INF
+    d = torch.where(live_x, ex * (x - y), 0.0).sum(-1)
+    hx = torch.where(live_x, ex * sx_, 0.0).sum(-1)
+    hy = torch.where(y > _NEG_INF, ey * sy_, 0.0).sum(-1)
+    return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1), hx, hy
+
+
+def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row maximum of block maxima ``[rows, nb]`` and tail maxima ``[rows]``, the blocks' shifts to it
+    (0 for an all ``-inf`` block, whose sums are 0) and their weights ``2^{c shift}``."""
+    m = torch.maximum(m_b.amax(-1), m_t)
+    shift = torch.where(m_b > _NEG_INF, m_b - m.unsqueeze(-1), 0.0)
+    shift_t = torch.where(m_t > _NEG_INF, m_t - m, 0.0)
+    return m, shift, shift_t, torch.exp2(shift * c), torch.exp2(shift_t * c)
+
+
+def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab]`` -> (values ``[rows, 3]`` = (KL, H(p), H(q)), float64 stats ``[rows, 5]``).
+
+    One read of each input: the KL's block sums and each entropy's ``h`` (merged as in
+    `entropy_forward_core`); the stats are ``(lse_x, lse_y, a_x, b_x, b_y)`` (see `._torch`).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        mx, sx, d, my, sy, hx, hy = _joint_block_stats(x.to(acc), y.to(acc), c)
+    else:
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _joint_block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _joint_block_stats(xt.to(acc), yt.to(acc), c)
+        mx, shx, shx_t, wx, wx_t = _merge(main[0], tail[0], c)
+        my, shy, shy_t, wy, wy_t = _merge(main[3], tail[3], c)
+        sx = (main[1] * wx).sum(-1) + tail[1] * wx_t
+        d = (main[2] * wx).sum(-1) + tail[2] * wx_t
+        sy = (main[4] * wy).sum(-1) + tail[4] * wy_t
+        hx = ((main[5] + shx * main[1]) * wx).sum(-1) + (tail[5] + shx_t * tail[1]) * wx_t
+        hy = ((main[6] + shy * main[4]) * wy).sum(-1) + (tail[6] + shy_t * tail[4]) * wy_t
+    sx64, sy64 = sx.double(), sy.double()
+    mx64, my64 = mx.double() * inv_t, my.double() * inv_t
+    lse_x, lse_y = mx64 + torch.log(sx64), my64 + torch.log(sy64)
+    a_x = d.double() * inv_t / sx64
+    mean_x, mean_y = hx.double() * inv_t / sx64, hy.double() * inv_t / sy64
+    values = torch.stack([a_x - (lse_x - lse_y), torch.log(sx64) - mean_x, torch.log(sy64) - mean_y], -1)
+    stats = torch.stack([lse_x, lse_y, a_x, mx64 + mean_x, my64 + mean_y], -1)
+    return values.clamp_min(0.0).to(acc), stats
+
+
+def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Pointwise gradients of ``sum(grad * (KL, H(p), H(q)))`` for ``[rows, vocab]`` logits, in their dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx, gy = _torch.joint_chunk_grads(x, y, stats, grad, inv_t.to(acc))
+    return gx.to(x.dtype), gy.to(y.dtype)
+
+
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -272,6 +334,8 @@ _CORES: dict[tuple[str, str], Callable[..., Any]] = {
     ("backward", "jsd"): _backward_jsd,
     ("backward", "hellinger"): _backward_hellinger,
     ("backward", "entropy"): entropy_backward_core,
+    ("forward", "joint"): joint_forward_core,
+    ("backward", "joint"): joint_backward_core,
 }
 
 
@@ -395,3 +459,31 @@ def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float)
     return torch.stack(
         [_call("backward", x.dtype, "entropy", grad[b], xr, stats[b], inv_t) for b, (xr,) in enumerate(views)]
     )
+
+
+def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
+    inv_t = _scalar(1.0 / temperature, x)
+    if x.shape[0] * x.shape[1] == 0:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_zeros((*x.shape[:-1], 3), dtype=acc), x.new_zeros((*x.shape[:-1], 5), dtype=torch.float64)
+    parts = [_call("forward", x.dtype, "joint", xr, yr, inv_t) for xr, yr in _row_views(x, y)]
+    if len(parts) == 1:
+        values, stats = parts[0]
+    else:
+        values, stats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return values.view(*x.shape[:-1], 3), stats.view(*x.shape[:-1], 5)
+
+
+def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` (``[batch, seq, vocab]``) of ``sum(grad * (KL, H(p), H(q)))``."""
+    if x.numel() == 0:
+        return torch.zeros_like(x), torch.zeros_like(y)
+    inv_t = _scalar(1.0 / temperature, x)
+    views = _row_views(x, y)
+    if len(views) == 1:
+        (xr, yr), g, s = views[0], grad.reshape(-1, 3), stats.reshape(-1, 5)
+        gx, gy = _call("backward", x.dtype, "joint", g, xr, yr, s, inv_t)
+        return gx.view(x.shape), gy.view(y.shape)
+    grads = [_call("backward", x.dtype, "joint", grad[b], xr, yr, stats[b], inv_t) for b, (xr, yr) in enumerate(views)]
+    return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])

@@ -289,3 +289,48 @@ def jsd_partial_chunked(
         empty = lse_x.new_zeros(0)
         return empty, empty
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ----------------------------------------------------------------------------- KL and both entropies at once
+#
+# One call, three values per row: KL(p || q), H(p), H(q) (PAPO's perception KL and its double entropy,
+# VEPO's entropies of both views). Float64 statistics ``(lse_x, lse_y, a_x, b_x, b_y)``: the KL's
+# four-statistic layout without ``a_y``, plus ``b = sum_j p_j x_j`` of each input (the entropy's second
+# statistic), so the backward is the sum of the KL and entropy gradients in one pass over each input.
+
+
+def joint_forward(x: Tensor, y: Tensor, temperature: float, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` logits -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
+    values = torch.empty((*x.shape[:-1], 3), dtype=compute_dtype(x), device=x.device)
+    stats = torch.empty((*x.shape[:-1], 5), dtype=torch.float64, device=x.device)
+    inv_t = 1.0 / temperature
+    for b, rows in row_chunks(x.shape, chunk_rows or default_chunk_rows(x.shape[-1])):
+        xc, yc = x[b, rows], y[b, rows]
+        kl, kl_stats = _chunk_stats(xc, yc, inv_t, "kl")
+        hx, hx_stats = _entropy_chunk(xc, inv_t)
+        hy, hy_stats = _entropy_chunk(yc, inv_t)
+        values[b, rows] = torch.stack([kl, hx, hy], -1).to(values.dtype)
+        stats[b, rows] = torch.cat([kl_stats[..., :3], hx_stats[..., 1:], hy_stats[..., 1:]], -1)
+    return values.clamp_min(0.0), stats
+
+
+def joint_chunk_grads(xc: Tensor, yc: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad[..., 0] KL + grad[..., 1] H(p) + grad[..., 2] H(q))`` for one chunk of rows."""
+    kl_stats = torch.cat([stats[..., :3], torch.zeros_like(stats[..., :1])], -1)
+    gx, gy = chunk_grads(xc, yc, kl_stats, grad[..., 0], inv_t, "kl")
+    gx = gx + entropy_chunk_grad(xc, stats[..., 0::3], grad[..., 1], inv_t)  # (lse_x, b_x)
+    gy = gy + entropy_chunk_grad(yc, stats[..., 1::3], grad[..., 2], inv_t)  # (lse_y, b_y)
+    return gx, gy
+
+
+def joint_backward(
+    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` of ``sum(grad * (KL, H(p), H(q)))``, ``grad`` ``[batch, seq, 3]``."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    for b, rows in row_chunks(x.shape, chunk_rows or default_chunk_rows(x.shape[-1])):
+        grad_x[b, rows], grad_y[b, rows] = joint_chunk_grads(
+            x[b, rows], y[b, rows], stats[b, rows], grad[b, rows], 1.0 / temperature
+        )
+    return grad_x, grad_y
