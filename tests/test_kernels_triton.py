@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from vppo_core import token_entropy, visual_dependency, visual_dependency_from_hidden
+from vppo_core import token_entropy, visual_dependency, visual_dependency_and_entropies, visual_dependency_from_hidden
 
+from . import test_joint as joint_tests
 from . import test_kernels_entropy as entropy_tests
 from .helpers import assert_inputs_unchanged, random_mask
 from .test_kernels import GRAD_TOL, TOL, assert_no_worse_than_naive, logits, naive, oracle
@@ -237,3 +238,97 @@ def test_int64_offsets_beyond_2_pow_31():
     got = visual_dependency(x, y, backend="triton")
     tail = slice(rows - 3, rows)
     torch.testing.assert_close(got[tail], visual_dependency(x[tail], y[tail], backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- KL and both entropies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 7, 1271), (2, 513), (1, 1, 3)])
+def test_joint_forward_matches_oracle(dtype, shape):
+    x, y = joint_tests.logits(shape, dtype), joint_tests.logits(shape, dtype)
+    got = joint_tests.stacked(
+        assert_inputs_unchanged(visual_dependency_and_entropies, *on_device(x, y), temperature=0.7, backend="triton")
+    )
+    assert got.dtype == torch.float32 and got.shape == (*shape[:-1], 3) and got.device.type == DEVICE
+    expected, base = joint_tests.oracle_terms(x, y, 0.7), joint_tests.naive_terms(x, y, 0.7)
+    for k in range(3):
+        err = (got[..., k].cpu().double() - expected[..., k]).abs().max()
+        err_naive = (base[..., k].double() - expected[..., k]).abs().max()
+        assert err <= err_naive + joint_tests.TOL[dtype], (k, err, err_naive)
+
+
+def test_joint_special_values_and_strided_rows():
+    x, y, mask = joint_tests.special_rows(300)  # vocab 300: two 256-blocks under the interpreter
+    got = joint_tests.stacked(visual_dependency_and_entropies(*on_device(x, y, mask), backend="triton")).cpu()
+    joint_tests.check_special(got)
+    expected = joint_tests.oracle_terms(x, y)
+    torch.testing.assert_close(got[0, 0].double(), expected[0, 0], rtol=1e-5, atol=1e-5)
+    full_x, full_y = joint_tests.logits((2, 9, 97), torch.float32), joint_tests.logits((2, 9, 97), torch.float32)
+    sx, sy = on_device(full_x[:, 2:-1], full_y[:, 2:-1])  # does not flatten: read in place
+    got = joint_tests.stacked(visual_dependency_and_entropies(sx, sy, backend="triton")).cpu()
+    torch.testing.assert_close(got.double(), joint_tests.oracle_terms(sx.cpu(), sy.cpu()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_backward_random_upstream(dtype):
+    x, y = joint_tests.logits((3, 4, 531), dtype, scale=2.0), joint_tests.logits((3, 4, 531), dtype, scale=2.0)
+    x[0, 0, :300] = -math.inf  # a 256-block and part of the next, in both inputs
+    y[0, 0, :300] = -math.inf
+    mask, upstream = random_mask(3, 4), torch.randn(3, 4, 3, dtype=torch.float64)
+    # -inf as -1e4 in the float64 oracle: the same (zero) probabilities, and an autograd without -inf - -inf
+    x64, y64 = (t.double().clamp_min(-1e4).requires_grad_() for t in (x, y))
+    (torch.where(mask.unsqueeze(-1), joint_tests.oracle_terms(x64, y64), 0.0) * upstream).sum().backward()
+    errs = []
+    for backend in ("triton", "naive"):
+        a, b = (t.clone().to(DEVICE).requires_grad_() for t in (x, y))
+        m = mask.to(DEVICE)
+        if backend == "naive":
+            out = torch.where(m.unsqueeze(-1), joint_tests.naive_terms(a, b), 0.0)
+        else:
+            out = joint_tests.stacked(visual_dependency_and_entropies(a, b, m, backend="triton"))
+        (out * upstream.to(DEVICE, out.dtype)).sum().backward()
+        assert a.grad.dtype == dtype and b.grad.shape == y.shape
+        ga, gb = a.grad.cpu().double(), b.grad.cpu().double()
+        if backend == "triton":  # zero probability in both inputs: exactly zero gradient
+            assert torch.equal(ga[0, 0, :300], torch.zeros(300, dtype=torch.float64))
+            assert torch.equal(gb[0, 0, :300], torch.zeros(300, dtype=torch.float64))
+        if backend == "naive":  # its NaN at -inf - -inf counted as no error: a stricter baseline
+            ga, gb = ga.nan_to_num(0.0), gb.nan_to_num(0.0)
+        errs.append(max((ga - x64.grad).abs().max(), (gb - y64.grad).abs().max()))
+    assert errs[0] <= errs[1] + GRAD_TOL[dtype], errs
+
+
+def test_joint_masked_rows_and_single_outputs_get_exactly_zero_gradient():
+    x, y = torch.randn(2, 4, 300), torch.randn(2, 4, 300)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    x[~mask] = float("nan")
+    y[~mask] = float("nan")
+    x, y, mask = on_device(x, y, mask)
+    x.requires_grad_(), y.requires_grad_()
+    visual_dependency_and_entropies(x, y, mask, backend="triton").entropy_img.sum().backward()
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    assert torch.equal(y.grad, torch.zeros_like(y.grad))  # H(p) alone does not reach y
+    expected = torch.autograd.grad(token_entropy(x, mask, backend="triton").sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_joint_custom_ops_pass_opcheck_and_run_in_user_compile():
+    from vppo_core.kernels import _autograd
+
+    ops = _autograd.triton_ops()
+    x, y = on_device(*logits((2, 3, 300), torch.float32))
+    x.requires_grad_(), y.requires_grad_()
+    torch.library.opcheck(ops.joint_fwd, (x, y, 0.8))
+    _, stats = ops.joint_fwd(x.detach(), y.detach(), 0.8)
+    grad = torch.randn(2, 3, 3, device=DEVICE)
+    torch.library.opcheck(ops.joint_bwd, (x.detach(), y.detach(), stats, grad, 0.8))
+
+    def step(a, b, mask):
+        out = visual_dependency_and_entropies(a, b, mask, temperature=1.3, backend="triton")
+        return (-0.02 * out.dependency + 0.03 * (out.entropy_img + out.entropy_noimg)).sum()
+
+    mask = random_mask(2, 3).to(DEVICE)
+    grads = torch.autograd.grad(torch.compile(step, fullgraph=True)(x, y, mask), (x, y))
+    for a, b in zip(grads, torch.autograd.grad(step(x, y, mask), (x, y))):
+        torch.testing.assert_close(a, b)

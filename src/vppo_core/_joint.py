@@ -34,7 +34,7 @@ def visual_dependency_and_entropies(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    backend: Literal["auto", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
 ) -> DependencyEntropies:
     r"""Visual dependency and the entropy of each view, per token, from one read of each logit tensor.
 
@@ -71,11 +71,12 @@ def visual_dependency_and_entropies(
       - g^{q} q_j\big(y_j - \textstyle\sum_i q_i y_i\big)\Big).
     $$
 
-    Backends: ``"torch"`` (chunked eager) and ``"compile"`` (one blocked ``torch.compile`` kernel
-    for the three values, on the CPU and on CUDA, where Inductor lowers it to Triton); ``"auto"``
-    picks ``"compile"`` for at least ``2**20`` logits per input and on CUDA, ``"torch"`` for float64
-    and smaller inputs, and falls back to ``"torch"`` (with a warning) if compiling fails. There is
-    no hand-written Triton kernel for this op: on CUDA it is the compiled one.
+    Backends as in [`visual_dependency`][vppo_core.visual_dependency]: ``"torch"`` (chunked eager),
+    ``"compile"`` (one blocked ``torch.compile`` kernel for the three values), ``"triton"`` (one
+    online GPU kernel per row and a blocked backward, ``torch.library`` custom ops); ``"auto"``
+    picks Triton for CUDA tensors, ``"compile"`` for at least ``2**20`` logits per input on the
+    CPU, ``"torch"`` for float64 and smaller inputs, and falls back to ``"torch"`` (with a warning)
+    if compiling fails.
 
     Special values as in [`visual_dependency`][vppo_core.visual_dependency] and
     [`token_entropy`][vppo_core.token_entropy]: a vocabulary entry ``-inf`` in both inputs
@@ -94,14 +95,14 @@ def visual_dependency_and_entropies(
         logits_noimg: Logits with the perturbed (or no) image, same shape and dtype.
         response_mask: Positions that count (bool or 0/1); ``None`` counts every position.
         temperature: $T > 0$ of both softmaxes.
-        backend: ``"auto"`` (default), ``"compile"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
 
     Returns:
         [`DependencyEntropies`][vppo_core.DependencyEntropies] ``(dependency, entropy_img, entropy_noimg)``.
 
     Raises:
-        ValueError: On ``temperature <= 0``, an unknown backend, a bad number of dimensions, or
-            different dtypes or devices.
+        ValueError: On ``temperature <= 0``, an unknown backend or one that cannot run here (Triton
+            without CUDA), a bad number of dimensions, or different dtypes or devices.
 
     Example:
         >>> import math
@@ -113,7 +114,7 @@ def visual_dependency_and_entropies(
         [0.6931, 0.6931, 1.3863]
     """
     check_positive("temperature", temperature)
-    check_choice("backend", backend, ("auto", "compile", "torch"))
+    check_choice("backend", backend, kernels.BACKENDS)
     if not 2 <= logits_img.ndim <= 3:
         raise ValueError(
             "logits_img must be [batch, seq, vocab] or [tokens, vocab], "

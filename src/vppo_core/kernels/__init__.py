@@ -94,19 +94,13 @@ def _warn_fallback(err: Exception) -> None:
 def _dispatch(
     backend: str,
     x: Tensor,
-    triton_fn: Callable[[], Tensor] | None,
+    triton_fn: Callable[[], Tensor],
     compiled_fn: Callable[[], Tensor],
     torch_fn: Callable[[], Tensor],
 ) -> Tensor:
-    """Run the backend that `resolve_backend` picks; ``"auto"`` falls back to ``"torch"`` if compiling fails.
-
-    ``triton_fn=None`` (an op without a Triton kernel): ``"auto"`` on CUDA runs the compiled kernels.
-    """
+    """Run the backend that `resolve_backend` picks; ``"auto"`` falls back to ``"torch"`` if compiling fails."""
     name = resolve_backend(backend, x)
-    if name == "triton" and triton_fn is None:
-        name = "compile" if _compile.usable() or torch.compiler.is_compiling() else "torch"
     if name == "triton":
-        assert triton_fn is not None
         return triton_fn()
     if name == "compile":
         if backend != "auto" or torch.compiler.is_compiling():
@@ -153,20 +147,13 @@ def entropy(x: Tensor, temperature: float, *, backend: str = "auto") -> Tensor:
 def divergence_and_entropies(x: Tensor, y: Tensor, temperature: float, *, backend: str = "auto") -> Tensor:
     """``[batch, seq, 3]`` = (KL(p || q), H(p), H(q)) per row of ``[batch, seq, vocab]`` logits, differentiable.
 
-    One read of each input forward and one backward (instead of three kernels and two gradient sums).
-    Backend choice as for `divergence`, except that CUDA runs the ``"compile"`` kernels (Inductor
-    lowers them to Triton): there is no hand-written Triton kernel for the three values yet, and
-    ``backend="triton"`` is refused.
+    One read of each input forward and one gradient per input backward (instead of three kernels and
+    two gradient sums). Backend choice as for `divergence`.
     """
-    if backend == "triton":
-        raise ValueError(
-            "backend='triton' has no kernel for the dependency with both entropies yet; use 'auto' (torch.compile "
-            "on CUDA and CPU), 'compile' or 'torch'"
-        )
     return _dispatch(
         backend,
         x,
-        None,
+        lambda: _autograd.triton_joint(x, y, temperature),
         lambda: _autograd.CompiledJoint.apply(x, y, temperature),
         lambda: _autograd.TorchJoint.apply(x, y, temperature),
     )

@@ -145,6 +145,19 @@ def _triton_entropy_backward(ctx: Any, grad: Tensor, _grad_stats: Tensor) -> tup
     return triton_ops().entropy_bwd(x, stats, grad, ctx.inv_t), None
 
 
+def _triton_joint_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, y, inv_t = inputs
+    ctx.save_for_backward(x, y, output[1])
+    ctx.inv_t = inv_t
+    ctx.mark_non_differentiable(output[1])
+
+
+def _triton_joint_backward(ctx: Any, grad: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    x, y, stats = ctx.saved_tensors
+    gx, gy = triton_ops().joint_bwd(x, y, stats, grad, ctx.inv_t)
+    return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
+
+
 _TRITON: list[ModuleType] = []
 
 
@@ -164,6 +177,9 @@ def triton_ops() -> ModuleType:
         torch.library.register_autograd(
             "vppo_core::entropy_fwd", _triton_entropy_backward, setup_context=_triton_entropy_setup_context
         )
+        torch.library.register_autograd(
+            "vppo_core::joint_fwd", _triton_joint_backward, setup_context=_triton_joint_setup_context
+        )
         _TRITON.append(_triton)
     return _TRITON[0]
 
@@ -172,6 +188,11 @@ def triton_divergence(x: Tensor, y: Tensor, temperature: float, divergence: str)
     ops = triton_ops()
     value, _ = ops.divergence_fwd(x, y, 1.0 / temperature, ops.div_code(divergence))
     return value
+
+
+def triton_joint(x: Tensor, y: Tensor, temperature: float) -> Tensor:
+    values, _ = triton_ops().joint_fwd(x, y, 1.0 / temperature)
+    return values
 
 
 def triton_entropy(x: Tensor, temperature: float) -> Tensor:

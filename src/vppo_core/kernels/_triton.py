@@ -14,7 +14,8 @@ The squared Hellinger distance (``DIV == 2``) keeps ``b = sum sqrt(e^{x - m_x} e
 place of ``d`` (the Bhattacharyya sum at the shift ``(m_x + m_y)/2``, rescaled by
 ``e^{((m_x,old - m_x) + (m_y,old - m_y))/2}``) and writes ``1 - b / sqrt(s_x s_y)``. The entropy of one
 input has its own kernel with ``m, s = sum e^{x - m}, d = sum e^{x - m} (x - m)`` (``d`` moves to a new
-maximum ``m'`` as ``e^{m - m'} (d + (m - m') s)``) and writes ``log s - d / s``.
+maximum ``m'`` as ``e^{m - m'} (d + (m - m') s)``) and writes ``log s - d / s``. The KL with both
+entropies (``_joint_fwd_kernel``) keeps the KL's sums and each input's entropy sum in one loop.
 
 Backward (one program per (row, block)): reads the blocks once and writes the gradients from the
 saved row statistics, so no reduction is recomputed.
@@ -220,6 +221,128 @@ def _entropy_bwd_kernel(X, STATS, GRAD, GX, SEQ, VOCAB, stride_xb, stride_xs, in
     tl.store(GX + row * VOCAB + offs, gx.to(GX.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _joint_fwd_kernel(
+    X,
+    Y,
+    OUT,
+    STATS,
+    SEQ,
+    VOCAB,
+    stride_xb,
+    stride_xs,
+    stride_yb,
+    stride_ys,
+    inv_t,
+    BLOCK: tl.constexpr,
+):
+    """KL(p || q), H(p), H(q) of one row: the KL's online sums plus each input's entropy sum ``h``."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // SEQ
+    s = row - b * SEQ
+    x_row = X + b * stride_xb + s * stride_xs
+    y_row = Y + b * stride_yb + s * stride_ys
+    cols = tl.arange(0, BLOCK)
+
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), 0)
+    m_x = zero - float("inf")
+    m_y = zero - float("inf")
+    s_x = zero
+    s_y = zero
+    d = zero  # sum e^{x - m_x} (x - y)
+    h_x = zero  # sum e^{x - m_x} (x - m_x)
+    h_y = zero  # sum e^{y - m_y} (y - m_y)
+    for start in range(0, VOCAB, BLOCK):
+        offs = start + cols
+        live = offs < VOCAB
+        x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+        y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
+        new_x = tl.maximum(m_x, tl.max(x, 0))
+        new_y = tl.maximum(m_y, tl.max(y, 0))
+        use_x = tl.where(new_x == -float("inf"), 0.0, new_x)  # all -inf so far: keep exp() finite
+        use_y = tl.where(new_y == -float("inf"), 0.0, new_y)
+        alpha_x = tl.exp(m_x - use_x)
+        alpha_y = tl.exp(m_y - use_y)
+        ex = tl.exp(x - use_x)
+        ey = tl.exp(y - use_y)
+        live_x = x > -float("inf")
+        live_y = y > -float("inf")
+        # move h to the new shift: sum e^{x - m}(x - m) -> + (m - use) s; nothing while s = 0 (m = -inf)
+        h_x = alpha_x * (h_x + tl.where(s_x > 0, (m_x - use_x) * s_x, 0.0))
+        h_x += tl.sum(tl.where(live_x, ex * (x - use_x), 0.0), 0)
+        h_y = alpha_y * (h_y + tl.where(s_y > 0, (m_y - use_y) * s_y, 0.0))
+        h_y += tl.sum(tl.where(live_y, ey * (y - use_y), 0.0), 0)
+        d = d * alpha_x + tl.sum(tl.where(live_x, ex * (x - y), 0.0), 0)
+        s_x = s_x * alpha_x + tl.sum(ex, 0)
+        s_y = s_y * alpha_y + tl.sum(ey, 0)
+        m_x = new_x
+        m_y = new_y
+    log_sx = tl.log(s_x).to(tl.float64)
+    log_sy = tl.log(s_y).to(tl.float64)
+    lse_x = m_x.to(tl.float64) + log_sx
+    lse_y = m_y.to(tl.float64) + log_sy
+    a_x = (d / s_x).to(tl.float64)
+    mean_x = (h_x / s_x).to(tl.float64)
+    mean_y = (h_y / s_y).to(tl.float64)
+    kl = (a_x - (lse_x - lse_y)).to(tl.float32)
+    ent_x = (log_sx - mean_x).to(tl.float32)  # no distribution (s = 0): NaN
+    ent_y = (log_sy - mean_y).to(tl.float32)
+    tl.store(OUT + row * 3 + 0, tl.where(kl < 0.0, 0.0, kl))  # clamp at 0 against rounding; NaN stays NaN
+    tl.store(OUT + row * 3 + 1, tl.where(ent_x < 0.0, 0.0, ent_x))
+    tl.store(OUT + row * 3 + 2, tl.where(ent_y < 0.0, 0.0, ent_y))
+    tl.store(STATS + row * 5 + 0, lse_x)
+    tl.store(STATS + row * 5 + 1, lse_y)
+    tl.store(STATS + row * 5 + 2, a_x)
+    tl.store(STATS + row * 5 + 3, m_x.to(tl.float64) + mean_x)
+    tl.store(STATS + row * 5 + 4, m_y.to(tl.float64) + mean_y)
+
+
+@triton.jit
+def _joint_bwd_kernel(
+    X,
+    Y,
+    STATS,
+    GRAD,
+    GX,
+    GY,
+    SEQ,
+    VOCAB,
+    stride_xb,
+    stride_xs,
+    stride_yb,
+    stride_ys,
+    inv_t,
+    BLOCK: tl.constexpr,
+):
+    """Gradients of ``g_kl KL + g_p H(p) + g_q H(q)``; each term is exactly 0 where its upstream is 0."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < VOCAB
+    b = row // SEQ
+    s = row - b * SEQ
+    g_kl = tl.load(GRAD + row * 3 + 0).to(tl.float32) * inv_t
+    g_p = tl.load(GRAD + row * 3 + 1).to(tl.float32) * inv_t
+    g_q = tl.load(GRAD + row * 3 + 2).to(tl.float32) * inv_t
+    lse_x = tl.load(STATS + row * 5 + 0).to(tl.float32)
+    lse_y = tl.load(STATS + row * 5 + 1).to(tl.float32)
+    a_x = tl.load(STATS + row * 5 + 2).to(tl.float32)
+    b_x = tl.load(STATS + row * 5 + 3).to(tl.float32)
+    b_y = tl.load(STATS + row * 5 + 4).to(tl.float32)
+    x = tl.load(X + b * stride_xb + s * stride_xs + offs, mask=live, other=0.0).to(tl.float32) * inv_t
+    y = tl.load(Y + b * stride_yb + s * stride_ys + offs, mask=live, other=0.0).to(tl.float32) * inv_t
+    p = tl.exp(x - lse_x)
+    q = tl.exp(y - lse_y)
+    kl_x = tl.where(g_kl != 0, g_kl * (tl.where(p > 0, p * (x - y), 0.0) - p * a_x), 0.0)
+    kl_y = tl.where(g_kl != 0, g_kl * (q - p), 0.0)
+    h_x = tl.where(g_p != 0, tl.where(p > 0, -g_p * p * (x - b_x), 0.0), 0.0)
+    h_y = tl.where(g_q != 0, tl.where(q > 0, -g_q * q * (y - b_y), 0.0), 0.0)
+    gx = tl.where(p > 0, kl_x, 0.0) + h_x
+    gy = kl_y + h_y
+    out = row * VOCAB + offs
+    tl.store(GX + out, gx.to(GX.dtype.element_ty), mask=live)
+    tl.store(GY + out, gy.to(GY.dtype.element_ty), mask=live)
+
+
 def _block(vocab: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(vocab)))
 
@@ -340,6 +463,61 @@ def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float
     return gx
 
 
+def launch_joint_forward(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (float32 (KL, H(p), H(q)) ``[batch, seq, 3]``, float64 stats ``[batch, seq, 5]``)."""
+    x, y = _unit_vocab_stride(x), _unit_vocab_stride(y)
+    batch, seq, vocab = x.shape
+    out = torch.empty((batch, seq, 3), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, seq, 5), dtype=torch.float64, device=x.device)
+    if batch * seq == 0:
+        return out, stats
+    _joint_fwd_kernel[(batch * seq,)](
+        x,
+        y,
+        out,
+        stats,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        inv_t,
+        BLOCK=_block(vocab, _fwd_block()),
+        num_warps=8,
+    )
+    return out, stats
+
+
+def launch_joint_backward(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` of ``sum(grad * (KL, H(p), H(q)))`` (contiguous, in their dtypes)."""
+    x, y = _unit_vocab_stride(x), _unit_vocab_stride(y)
+    batch, seq, vocab = x.shape
+    gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
+    gy = torch.empty((batch, seq, vocab), dtype=y.dtype, device=y.device)
+    if batch * seq == 0 or vocab == 0:
+        return gx, gy
+    block = _block(vocab, 256 if _interpreting() else 2048)
+    _joint_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
+        x,
+        y,
+        stats.contiguous(),
+        grad.contiguous(),
+        gx,
+        gy,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        inv_t,
+        BLOCK=block,
+        num_warps=8,
+    )
+    return gx, gy
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -387,6 +565,28 @@ def entropy_bwd(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
 @entropy_bwd.register_fake
 def _(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("vppo_core::joint_fwd", mutates_args=())
+def joint_fwd(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """Opaque to ``torch.compile``: KL and both entropies of ``[batch, seq, vocab]`` logits."""
+    return launch_joint_forward(x, y, inv_t)
+
+
+@joint_fwd.register_fake
+def _(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    batch, seq, _ = x.shape
+    return x.new_empty((batch, seq, 3), dtype=torch.float32), x.new_empty((batch, seq, 5), dtype=torch.float64)
+
+
+@torch.library.custom_op("vppo_core::joint_bwd", mutates_args=())
+def joint_bwd(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    return launch_joint_backward(x, y, stats, grad, inv_t)
+
+
+@joint_bwd.register_fake
+def _(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
 def div_code(divergence: str) -> int:
