@@ -18,7 +18,10 @@ The squared Hellinger distance and the token entropy run on the same kernels (``
 ``softmax`` of both then ``1 - sum sqrt(p q)``, resp. ``log_softmax`` then ``-sum p log p``, in the
 input dtype; ``torch``, ``compile``, ``triton`` and ``+bwd`` call ``visual_dependency(...,
 divergence="hellinger")`` resp. ``token_entropy``. The entropy reads one input, so its bytes are those
-of ``x`` alone.
+of ``x`` alone. Group ``kl+entropies``: ``visual_dependency_and_entropies`` (``torch``, ``compile``,
+``triton``, ``+bwd``: the gradient of the sum of the three values) against ``separate`` (the same
+three values from ``visual_dependency`` and two ``token_entropy`` calls, compiled; ``separate-triton``
+on CUDA) and ``naive`` (``log_softmax`` of both, then the three sums).
 
 Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]`` weight:
 ``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
@@ -43,7 +46,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import GiB, device, peak_extra_bytes, sync
-from vppo_core import kernels, token_entropy, visual_dependency, visual_dependency_from_hidden
+from vppo_core import (
+    kernels,
+    token_entropy,
+    visual_dependency,
+    visual_dependency_and_entropies,
+    visual_dependency_from_hidden,
+)
 
 VOCAB = 151_936
 HIDDEN = 3_584
@@ -260,6 +269,56 @@ OTHER: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]] = {
     }
     for quantity, make in (("hellinger", _hellinger), ("entropy", _entropy))
 }
+
+
+def naive_joint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """KL(p || q), H(p), H(q) from ``log_softmax`` of both, in the input dtype (what a user writes)."""
+    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    p, q = lp.exp(), lq.exp()
+    return torch.stack([(p * (lp - lq)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1)], -1)
+
+
+def _separate(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The three values from three calls: ``visual_dependency`` and ``token_entropy`` of each input."""
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if bwd:
+            x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        out = (
+            visual_dependency(x, y, backend=backend)
+            + token_entropy(x, backend=backend)
+            + token_entropy(y, backend=backend)
+        )
+        return torch.autograd.grad(out.sum(), (x, y)) if bwd else out
+
+    return run
+
+
+def _joint(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+        if bwd:
+            x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        out = visual_dependency_and_entropies(x, y, backend=backend)
+        total = out.dependency + out.entropy_img + out.entropy_noimg
+        return torch.autograd.grad(total.sum(), (x, y)) if bwd else total
+
+    return run
+
+
+OTHER["kl+entropies"] = {
+    "naive": naive_joint,
+    "separate": _separate("compile"),
+    "separate+bwd": _separate("compile", bwd=True),
+    "torch": _joint("torch"),
+    "compile": _joint("compile"),
+    "compile+bwd": _joint("compile", bwd=True),
+    "separate-triton": _separate("triton"),
+    "separate-triton+bwd": _separate("triton", bwd=True),
+    "triton": _joint("triton"),
+    "triton+bwd": _joint("triton", bwd=True),
+}
+GPU_ONLY |= {"separate-triton", "separate-triton+bwd"}
+
 OTHER_CASES = [
     (tokens, dname, quantity, provider)
     for tokens in OTHER_TOKENS
@@ -288,7 +347,7 @@ def test_other(
     benchmark.extra_info.update(
         {"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider, "quantity": quantity}
     )
-    nbytes = (2 if quantity == "hellinger" else 1) * x.numel() * x.element_size()
+    nbytes = (1 if quantity == "entropy" else 2) * x.numel() * x.element_size()
     _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
 
 
