@@ -1,14 +1,15 @@
 """Row-wise full-vocabulary kernels behind `vppo_core.visual_dependency` and `vppo_core.token_entropy`.
 
 Every full-vocabulary quantity of the library goes through these kernels: the divergences of two
-logit tensors (KL, reverse KL, Jensen-Shannon, squared Hellinger) and the entropy of one.
+logit tensors (KL, reverse KL, Jensen-Shannon, squared Hellinger), the entropy of one, and the KL
+with both entropies from one pass (`divergence_and_entropies`).
 
 Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
 eager; ``_compile``: ``torch.compile``; ``_triton``: Triton GPU kernels as ``torch.library`` custom
 ops), the autograd layer that saves tensors and delegates (``_autograd``), and the public, checked
-functions in `vppo_core.dependency` and `vppo_core.entropy`, which call `divergence`,
-`divergence_from_hidden` and `entropy` here. ``_hidden`` drives any backend over tiles of logits
-computed from hidden states.
+functions in `vppo_core.dependency`, `vppo_core.entropy` and ``vppo_core._joint``, which call
+`divergence`, `divergence_from_hidden`, `entropy` and `divergence_and_entropies` here. ``_hidden``
+drives any backend over tiles of logits computed from hidden states.
 
 Backend choice (``backend="auto"``):
 
