@@ -67,6 +67,17 @@ def test_nan_at_a_counted_position_propagates():
     assert got.isnan().sum() == 2
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("compile", marks=pytest.mark.slow)])
+def test_no_distribution_gives_nan_not_inf(backend):
+    """Every logit of a counted row -inf in either input: no distribution, so NaN (not +inf), on every backend."""
+    x, y = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    x[0, 2] = -math.inf
+    y[1, 0] = -math.inf
+    for divergence in ("kl", "reverse_kl", "jsd", "hellinger"):
+        got = visual_dependency(x, y, divergence=divergence, backend=backend)
+        assert got[0, 2].isnan() and got[1, 0].isnan() and got.isnan().sum() == 2, divergence
+
+
 def test_neg_inf_logits():
     x, y = torch.randn(4, 50), torch.randn(4, 50)
     x[0, :10] = -math.inf  # masked in the real-image pass only: contributes nothing

@@ -84,6 +84,8 @@ def test_hellinger_and_entropy_special_values():
     h2 = visual_dependency(*on_device(x, y, mask), divergence="hellinger", backend="triton").cpu()
     torch.testing.assert_close(h2[:3].double(), oracle(x[:3], y[:3], "hellinger"), rtol=0, atol=1e-6)
     assert h2[3:5].isnan().all() and h2[5] == 0
+    kl = visual_dependency(*on_device(x, y, mask), backend="triton").cpu()
+    assert kl[3:5].isnan().all() and kl[5] == 0  # NaN in the row; no distribution p
     same = visual_dependency(*on_device(x[:3], x[:3]), divergence="hellinger", backend="triton").cpu()
     assert torch.equal(same, torch.zeros(3))  # exactly 0 for identical inputs
     x[2] = -math.inf

@@ -74,10 +74,10 @@ def visual_dependency(
     zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
     ``logits_img`` but ``-inf`` in ``logits_noimg`` makes the KL ``+inf``, as it mathematically is
     (for Hellinger it adds $\sqrt{p_j \cdot 0} = 0$ to BC, and for JSD a finite term). A NaN
-    anywhere in a counted row gives NaN for that row, and so does (for Hellinger) a row whose
-    logits are all ``-inf`` in either input. Rows outside ``response_mask`` are
-    exactly 0 and receive exactly zero gradient, whatever they hold (padding is never read into the
-    result). Results are clamped at 0 against rounding.
+    anywhere in a counted row gives NaN for that row, and so does a row with no distribution (every
+    logit ``-inf`` in either input), on every backend. Rows outside ``response_mask`` are exactly 0
+    and receive exactly zero gradient, whatever they hold (padding is never read into the result).
+    Results are clamped at 0 against rounding.
 
     Shapes:
         - ``logits_img``, ``logits_noimg``: ``[batch, seq, vocab]`` or ``[tokens, vocab]``

@@ -124,6 +124,8 @@ def _chunk_stats(xc: Tensor, yc: Tensor, inv_t: float, divergence: str) -> tuple
         a_x = _p_weighted(p, x - y).sum(-1).double()
         a_y = torch.zeros_like(a_x)
         value = a_x - (lse_x - lse_y).squeeze(-1)
+        # no distribution p (every x_j = -inf): NaN, as the compiled and Triton kernels give (0/0), not +inf
+        value = torch.where(lse_x.squeeze(-1) == -math.inf, math.nan, value)
     else:
         q = torch.exp(y - lse_y.to(dtype))
         rp, rq = _log_ratios(p, q)
