@@ -110,8 +110,8 @@ def visual_dependency_and_entropies(
         >>> x = torch.tensor([[0.0, 0.0, 0.0, 0.0]])  # uniform over 4: H = log 4
         >>> y = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])  # q puts 0 where p does not
         >>> out = visual_dependency_and_entropies(y, x)  # KL(uniform over 2 || uniform over 4) = log 2
-        >>> [round(float(v), 4) for v in out]
-        [0.6931, 0.6931, 1.3863]
+        >>> tuple(round(float(v), 4) for v in out)
+        (0.6931, 0.6931, 1.3863)
     """
     check_positive("temperature", temperature)
     check_choice("backend", backend, kernels.BACKENDS)
