@@ -3,11 +3,19 @@
 import pytest
 import torch
 
-from vppo_core import aggregate, clipped_surrogate, kl_penalty, shape_advantages, token_filter_mask, vppo_loss
+from vppo_core import (
+    aggregate,
+    clipped_surrogate,
+    kl_penalty,
+    shape_advantages,
+    token_entropy,
+    token_filter_mask,
+    vppo_loss,
+)
 from vppo_core import recipes as R
 from vppo_core.distributed import loss_denominators
 from vppo_core.entropy import high_entropy_mask
-from vppo_core.papo import double_entropy_loss, sampled_perception_loss
+from vppo_core.papo import double_entropy_loss, perception_loss, sampled_perception_loss
 from vppo_core.pgpo import pgpo_advantages
 
 from .helpers import assert_inputs_unchanged
@@ -88,6 +96,31 @@ def test_papo_equals_blocks(masked_has_grad):
     assert out.policy.kl_loss == 0 and not out.perception.kl.requires_grad
 
 
+@pytest.mark.parametrize("masked_has_grad", [False, True])
+def test_papo_exact_equals_blocks(masked_has_grad):
+    """The paper's form: DAPO + exact perception KL + full-vocabulary double entropy, from one kernel."""
+    lp, old, adv, mask, _ = batch()
+    g = torch.Generator().manual_seed(5)
+    shape = (*lp.shape, 13)
+    logits = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    masked = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_(masked_has_grad)
+    masked_in = masked if masked_has_grad else masked.detach()
+    out = assert_inputs_unchanged(
+        R.papo_exact, lp, old, adv, mask, logits, masked_in, gamma=0.02, eta1=0.05, eta2=0.04, temperature=0.9
+    )
+    policy = aggregate(clipped_surrogate(lp, old, adv, clip_low=0.2, clip_high=0.28, dual_clip=None), mask)
+    perception = perception_loss(logits, masked_in, mask, gamma=0.02, temperature=0.9)
+    h = token_entropy(logits, mask, temperature=0.9)
+    h_mask = token_entropy(masked_in, mask, temperature=0.9)
+    entropy = double_entropy_loss(h, h_mask, mask, eta1=0.05, eta2=0.04)
+    params = (lp, logits, masked) if masked_has_grad else (lp, logits)
+    assert_same(out.loss, policy + perception.loss + entropy.loss, params)
+    torch.testing.assert_close(out.perception.kl, perception.kl)
+    torch.testing.assert_close(out.entropy.entropy, entropy.entropy)
+    torch.testing.assert_close(out.entropy.masked_entropy, entropy.masked_entropy)
+    assert not out.perception.kl.requires_grad
+
+
 def test_high_entropy_two_stages_equal_blocks():
     lp, old, adv, mask, dep = batch()
     entropy = dep * 3  # any per-token entropy
@@ -100,11 +133,15 @@ def test_high_entropy_two_stages_equal_blocks():
     assert_same(out.loss, expected, lp)
 
 
-@pytest.mark.parametrize("method", ["vppo", "high_entropy", "papo"])
+@pytest.mark.parametrize("method", ["vppo", "high_entropy", "papo", "papo_exact"])
 def test_micro_batches_with_global_counts_add_up_to_the_full_batch(method):
     """Stage 1 once over the rollout batch, stage 2 per micro-batch with the global count: same gradient."""
     lp, old, adv, mask, dep = batch(seed=1)
     masked = old - torch.rand_like(old)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(*lp.shape, 9, dtype=torch.float64, generator=g).requires_grad_()
+    masked_logits = logits.detach() + torch.randn(logits.shape, dtype=torch.float64, generator=g)
+    params = (lp, logits) if method == "papo_exact" else (lp,)
     if method == "vppo":
         prepared = R.vppo_rollout(adv, dep, mask)
     elif method == "high_entropy":
@@ -116,13 +153,15 @@ def test_micro_batches_with_global_counts_add_up_to_the_full_batch(method):
         args = (lp[sl], old[sl], prepared.advantages[sl], mask[sl])
         if method == "papo":
             return R.papo(*args, masked[sl], num_tokens=count).loss
+        if method == "papo_exact":
+            return R.papo_exact(*args, logits[sl], masked_logits[sl], num_tokens=count).loss
         return getattr(R, method)(*args, prepared.token_mask[sl], num_tokens=count).loss
 
     chunks = [slice(i, i + 2) for i in range(0, lp.shape[0], 2)]
     keeps = None if prepared.token_mask is None else [prepared.token_mask[c] for c in chunks]
     den = loss_denominators([mask[c] for c in chunks], keeps)
     count = den.num_kept_tokens if method == "high_entropy" else den.num_tokens
-    (full,) = torch.autograd.grad(loss(slice(None), None), lp)
-    parts = sum(loss(c, count) for c in chunks)
-    (summed,) = torch.autograd.grad(parts, lp)
-    torch.testing.assert_close(summed, full, rtol=1e-10, atol=1e-14)
+    full = torch.autograd.grad(loss(slice(None), None), params)
+    summed = torch.autograd.grad(sum(loss(c, count) for c in chunks), params)
+    for a, b in zip(summed, full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)

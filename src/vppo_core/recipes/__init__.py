@@ -13,7 +13,7 @@ A training loop has two stages, and the recipes follow them:
    of per-trajectory or per-token advantages and a token mask. GRPO, DAPO and PAPO need nothing here
    beyond the advantages (and, for PAPO, the masked-image log-probabilities).
 2. **Per (micro-)batch of the update** (with gradient): the loss. The loss recipes (``grpo``,
-   ``dapo``, ``vppo``, ``pgpo``, ``papo``, ``high_entropy``) take the current and rollout
+   ``dapo``, ``vppo``, ``pgpo``, ``papo``, ``papo_exact``, ``high_entropy``) take the current and rollout
    log-probabilities and the slice of stage 1's outputs, and pass ``num_tokens`` (or
    ``num_sequences``) through to [`aggregate`][vppo_core.aggregate], so that micro-batches and
    ranks add up to one global mean (see [`loss_denominators`][vppo_core.loss_denominators]).
@@ -40,7 +40,7 @@ sampling (dropping groups whose rewards are all equal) and overlong reward shapi
 perturbed or masked images (see the integration layer).
 """
 
-from ._papo import PAPOOutput, papo
+from ._papo import PAPOOutput, papo, papo_exact
 from ._policy import dapo, grpo, high_entropy, pgpo, vppo
 from ._rollout import RolloutBatch, high_entropy_rollout, pgpo_rollout, vppo_rollout
 
@@ -52,6 +52,7 @@ __all__ = [
     "high_entropy",
     "high_entropy_rollout",
     "papo",
+    "papo_exact",
     "pgpo",
     "pgpo_rollout",
     "vppo",
