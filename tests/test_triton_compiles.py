@@ -84,3 +84,30 @@ def test_kernel_compiles_to_a_cubin_without_spills(name, dtype, arch, tmp_path):
     )
     log = report.stdout + report.stderr
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", log), log
+
+
+VECTOR_CASES = [(name, dtype) for name in KERNELS for dtype in ("fp32", "bf16")]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize(("name", "dtype"), VECTOR_CASES, ids=[f"{n}-{d}" for n, d in VECTOR_CASES])
+def test_logits_are_read_with_128_bit_loads_when_the_vocabulary_is_a_multiple_of_16(name, dtype):
+    """At launch Triton marks 16-byte aligned pointers and integers divisible by 16 (``tt.divisibility``);
+    with a vocabulary such as Qwen's 151 936 the rows are then read (and gradients written) 16 bytes at a time."""
+    fn, constexprs = KERNELS[name]
+    sig = signature(fn, dtype, constexprs)
+    aligned = [i for i, a in enumerate(fn.arg_names) if sig[a].startswith("*") or (sig[a] == "i64" and a != "SEQ")]
+    src = ASTSource(
+        fn=fn,
+        signature=sig,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: no 128-bit loads"
+    loads = re.findall(r"ld\.global[.\w]*", ptx)
+    narrow = [op for op in loads if ".v" not in op and not op.endswith(".b64")]  # 16/32-bit scalar loads
+    assert len(narrow) <= 3, f"{name}: {narrow} (only the row's upstream gradients may be scalar loads)"
+    if "bwd" in name:
+        assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: gradients not written 16 bytes at a time"
