@@ -17,15 +17,16 @@ import pytest
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("compiling needs the real @triton.jit functions, not the interpreter's", allow_module_level=True)
 triton = pytest.importorskip("triton")
-pytest.importorskip("triton.backends.nvidia")
-
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+try:  # Triton's ahead-of-time compile API (3.x) and the ptxas it ships for NVIDIA GPUs
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+except ImportError as err:  # pragma: no cover - other Triton builds or versions
+    pytest.skip(f"this Triton has no NVIDIA ahead-of-time compiler ({err})", allow_module_level=True)
 
 from vppo_core.kernels import _triton as T  # noqa: E402
 
-# (kernel, constexprs); the forward divergence kernels for KL, JSD and squared Hellinger
+# every kernel of the Triton backend, with the constexprs its launcher passes (DIV: KL, JSD, Hellinger)
 KERNELS = {
     "fwd-kl": (T._fwd_kernel, {"DIV": T.DIV_KL, "BLOCK": 4096}),
     "fwd-jsd": (T._fwd_kernel, {"DIV": T.DIV_JSD, "BLOCK": 4096}),
