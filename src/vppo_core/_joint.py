@@ -7,7 +7,8 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from . import kernels
-from ._checks import as_bool_mask, check_choice, check_positive, check_same_device, typechecked
+from ._checks import as_bool_mask, typechecked
+from .dependency import _logit_pair
 
 __all__ = ["DependencyEntropies", "visual_dependency_and_entropies"]
 
@@ -113,21 +114,7 @@ def visual_dependency_and_entropies(
         >>> tuple(round(float(v), 4) for v in out)
         (0.6931, 0.6931, 1.3863)
     """
-    check_positive("temperature", temperature)
-    check_choice("backend", backend, kernels.BACKENDS)
-    if not 2 <= logits_img.ndim <= 3:
-        raise ValueError(
-            "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
-            f"got {logits_img.ndim} dimensions (shape {tuple(logits_img.shape)})"
-        )
-    if logits_img.dtype != logits_noimg.dtype:
-        raise ValueError(
-            f"logits_img and logits_noimg must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}"
-        )
-    check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
-    x, y = logits_img, logits_noimg
-    if x.ndim == 2:
-        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    x, y = _logit_pair(logits_img, logits_noimg, response_mask, temperature, backend)
     values = kernels.divergence_and_entropies(x, y, float(temperature), backend=backend)
     values = values.reshape(*logits_img.shape[:-1], 3)
     if response_mask is not None:

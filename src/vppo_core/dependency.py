@@ -119,22 +119,8 @@ def visual_dependency(
         >>> visual_dependency(*far, divergence="hellinger")  # disjoint supports: H^2 = 1
         tensor([1.])
     """
-    check_positive("temperature", temperature)
     check_choice("divergence", divergence, kernels.DIVERGENCES)
-    check_choice("backend", backend, kernels.BACKENDS)
-    if not 2 <= logits_img.ndim <= 3:
-        raise ValueError(
-            "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
-            f"got {logits_img.ndim} dimensions (shape {tuple(logits_img.shape)})"
-        )
-    if logits_img.dtype != logits_noimg.dtype:
-        raise ValueError(
-            f"logits_img and logits_noimg must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}"
-        )
-    check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
-    x, y = logits_img, logits_noimg
-    if x.ndim == 2:
-        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    x, y = _logit_pair(logits_img, logits_noimg, response_mask, temperature, backend)
     dep = kernels.divergence(x, y, float(temperature), divergence=divergence, backend=backend)
     dep = dep.reshape(logits_img.shape[:-1])
     if response_mask is None:
@@ -295,3 +281,24 @@ def visual_dependency_from_hidden(
     if response_mask is None:
         return dep
     return torch.where(as_bool_mask(response_mask), dep, 0.0)
+
+
+def _logit_pair(
+    logits_img: Tensor, logits_noimg: Tensor, response_mask: Tensor | None, temperature: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Checks shared by the two-view functions; ``[tokens, vocab]`` inputs as ``[1, tokens, vocab]`` views."""
+    check_positive("temperature", temperature)
+    check_choice("backend", backend, kernels.BACKENDS)
+    if not 2 <= logits_img.ndim <= 3:
+        raise ValueError(
+            "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
+            f"got {logits_img.ndim} dimensions (shape {tuple(logits_img.shape)})"
+        )
+    if logits_img.dtype != logits_noimg.dtype:
+        raise ValueError(
+            f"logits_img and logits_noimg must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}"
+        )
+    check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
+    if logits_img.ndim == 2:
+        return logits_img.unsqueeze(0), logits_noimg.unsqueeze(0)
+    return logits_img, logits_noimg
