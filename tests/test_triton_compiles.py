@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for real NVIDIA GPUs (sm_80, sm_90), down to a cubin, with no GPU present.
+"""Every Triton kernel compiles for NVIDIA GPUs (sm_80, sm_90, sm_100) down to a cubin, with no GPU present.
 
 The CPU interpreter (``TRITON_INTERPRET=1``, see ``test_kernels_triton.py``) checks what the kernels
 compute, but it runs them in numpy and never through the GPU compiler. Compiling each kernel through
@@ -45,7 +45,7 @@ ROLES = {
     **{"OUT": "*fp32", "GRAD": "*fp32", "STATS": "*fp64", "inv_t": "fp32"},
 }
 CASES = [(name, dtype, 90) for name in KERNELS for dtype in ("fp32", "bf16", "fp16")]
-CASES += [(name, "bf16", 80) for name in KERNELS]
+CASES += [(name, "bf16", arch) for name in KERNELS for arch in (80, 100)]
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict:
