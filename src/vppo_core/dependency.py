@@ -284,21 +284,26 @@ def visual_dependency_from_hidden(
 
 
 def _logit_pair(
-    logits_img: Tensor, logits_noimg: Tensor, response_mask: Tensor | None, temperature: float, backend: str
+    logits_img: Tensor,
+    logits_noimg: Tensor,
+    response_mask: Tensor | None,
+    temperature: float,
+    backend: str,
+    names: tuple[str, str] = ("logits_img", "logits_noimg"),
 ) -> tuple[Tensor, Tensor]:
-    """Checks shared by the two-view functions; ``[tokens, vocab]`` inputs as ``[1, tokens, vocab]`` views."""
+    """Checks shared by the two-view functions, in the caller's argument ``names``; ``[tokens, vocab]``
+    inputs come back as ``[1, tokens, vocab]`` views."""
     check_positive("temperature", temperature)
     check_choice("backend", backend, kernels.BACKENDS)
+    a, b = names
     if not 2 <= logits_img.ndim <= 3:
         raise ValueError(
-            "logits_img must be [batch, seq, vocab] or [tokens, vocab], "
+            f"{a} must be [batch, seq, vocab] or [tokens, vocab], "
             f"got {logits_img.ndim} dimensions (shape {tuple(logits_img.shape)})"
         )
     if logits_img.dtype != logits_noimg.dtype:
-        raise ValueError(
-            f"logits_img and logits_noimg must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}"
-        )
-    check_same_device(logits_img=logits_img, logits_noimg=logits_noimg, response_mask=response_mask)
+        raise ValueError(f"{a} and {b} must have the same dtype, got {logits_img.dtype} and {logits_noimg.dtype}")
+    check_same_device(**{a: logits_img, b: logits_noimg, "response_mask": response_mask})
     if logits_img.ndim == 2:
         return logits_img.unsqueeze(0), logits_noimg.unsqueeze(0)
     return logits_img, logits_noimg

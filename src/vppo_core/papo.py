@@ -114,6 +114,19 @@ def perception_loss(
     """
     _check_coef("gamma", gamma)
     kl = visual_dependency(logits_img, logits_masked, response_mask, temperature=temperature)
+    return _perception_term(kl, response_mask, gamma, agg=agg, num_tokens=num_tokens, num_sequences=num_sequences)
+
+
+def _perception_term(
+    kl: Tensor,
+    response_mask: Tensor,
+    gamma: float,
+    *,
+    agg: str = "token-mean",
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+) -> PerceptionTerm:
+    """``-gamma`` times the aggregated per-token KL, and the detached aggregate."""
     value = aggregate(kl, response_mask, agg=agg, num_tokens=num_tokens, num_sequences=num_sequences)
     return PerceptionTerm(loss=-gamma * value, kl=value.detach())
 

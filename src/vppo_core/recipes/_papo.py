@@ -11,11 +11,12 @@ from torch import Tensor
 
 from .._checks import typechecked
 from .._joint import visual_dependency_and_entropies
-from ..loss import LossOutput, aggregate
+from ..loss import LossOutput
 from ..papo import (
     DoubleEntropyTerm,
     PerceptionTerm,
     _check_coef,
+    _perception_term,
     double_entropy_loss,
     sampled_perception_loss,
 )
@@ -200,8 +201,7 @@ def papo_exact(
         logprobs, old_logprobs, advantages, response_mask, clip_low=clip_low, clip_high=clip_high, num_tokens=num_tokens
     )
     terms = visual_dependency_and_entropies(logits_img, logits_masked, response_mask, temperature=temperature)
-    kl = aggregate(terms.dependency, response_mask, num_tokens=num_tokens)
-    perception = PerceptionTerm(loss=-gamma * kl, kl=kl.detach())
+    perception = _perception_term(terms.dependency, response_mask, gamma, num_tokens=num_tokens)
     entropy = double_entropy_loss(
         terms.entropy_img, terms.entropy_noimg, response_mask, eta1=eta1, eta2=eta2, num_tokens=num_tokens
     )

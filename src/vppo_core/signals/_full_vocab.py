@@ -9,9 +9,9 @@ from torch import Tensor
 
 from .. import _vocab
 from .._checks import check_positive, check_same_device, typechecked
-from ..dependency import visual_dependency
+from ..dependency import _logit_pair, visual_dependency
 from ..entropy import token_entropy
-from ._common import _check_logits, _check_view_pair, _masked
+from ._common import _check_logits, _masked
 
 
 @typechecked
@@ -60,7 +60,7 @@ def jensen_shannon(
         >>> bool(((jsd >= 0) & (jsd <= 0.6932)).all())
         True
     """
-    _check_view_pair(logits_p, logits_q, response_mask, temperature)
+    _logit_pair(logits_p, logits_q, response_mask, temperature, backend, ("logits_p", "logits_q"))
     return visual_dependency(
         logits_p, logits_q, response_mask, temperature=temperature, divergence="jsd", backend=backend
     )
@@ -124,7 +124,7 @@ def hellinger(
         >>> hellinger(x, y)  # identical, disjoint
         tensor([0., 1.])
     """
-    _check_view_pair(logits_p, logits_q, response_mask, temperature)
+    _logit_pair(logits_p, logits_q, response_mask, temperature, "auto", ("logits_p", "logits_q"))
     h2 = visual_dependency(logits_p, logits_q, response_mask, temperature=temperature, divergence="hellinger")
     if squared:
         return h2
