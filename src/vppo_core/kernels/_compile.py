@@ -70,6 +70,15 @@ def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tenso
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
 
 
+def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row maximum of block maxima ``[rows, nb]`` and tail maxima ``[rows]``, the blocks' shifts to it
+    (0 for an all ``-inf`` block, whose sums are 0) and their weights ``2^{c shift}``."""
+    m = torch.maximum(m_b.amax(-1), m_t)
+    shift = torch.where(m_b > _NEG_INF, m_b - m.unsqueeze(-1), 0.0)
+    shift_t = torch.where(m_t > _NEG_INF, m_t - m, 0.0)
+    return m, shift, shift_t, torch.exp2(shift * c), torch.exp2(shift_t * c)
+
+
 def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """float64 ``(lse_x, lse_y, sum_j p_j (x_j - y_j))`` of ``[rows, vocab]`` logits times ``inv_t`` (float64).
 
@@ -83,14 +92,11 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
         (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
         main = _block_stats(xb.to(acc), yb.to(acc), c)
         tail = _block_stats(xt.to(acc), yt.to(acc), c)
-        mx = torch.maximum(main[0].amax(-1), tail[0])
-        my = torch.maximum(main[3].amax(-1), tail[3])
-        wx = torch.exp2((main[0] - mx.unsqueeze(-1)) * c)
-        wy = torch.exp2((main[3] - my.unsqueeze(-1)) * c)
-        wx_tail = torch.exp2((tail[0] - mx) * c)
+        mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
+        my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
         sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
         d = (main[2] * wx).sum(-1) + tail[2] * wx_tail
-        sy = (main[4] * wy).sum(-1) + tail[4] * torch.exp2((tail[3] - my) * c)
+        sy = (main[4] * wy).sum(-1) + tail[4] * wy_tail
     # Per-row finalisation in float64 (see _torch: the statistics are float64).
     lse_x = mx.double() * inv_t + torch.log(sx.double())
     lse_y = my.double() * inv_t + torch.log(sy.double())
@@ -120,12 +126,10 @@ def _hellinger_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tenso
         (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
         main = _hellinger_block_stats(xb.to(acc), yb.to(acc), c)
         tail = _hellinger_block_stats(xt.to(acc), yt.to(acc), c)
-        mx = torch.maximum(main[0].amax(-1), tail[0])
-        my = torch.maximum(main[2].amax(-1), tail[2])
-        dx, dy = main[0] - mx.unsqueeze(-1), main[2] - my.unsqueeze(-1)
-        dx_tail, dy_tail = tail[0] - mx, tail[2] - my
-        sx = (main[1] * torch.exp2(dx * c)).sum(-1) + tail[1] * torch.exp2(dx_tail * c)
-        sy = (main[3] * torch.exp2(dy * c)).sum(-1) + tail[3] * torch.exp2(dy_tail * c)
+        mx, dx, dx_tail, wx, wx_tail = _merge(main[0], tail[0], c)
+        my, dy, dy_tail, wy, wy_tail = _merge(main[2], tail[2], c)
+        sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
+        sy = (main[3] * wy).sum(-1) + tail[3] * wy_tail
         # the shift of b moves by the mean of the two maxima's moves (exactly dx for identical inputs)
         b = (main[4] * torch.exp2(0.5 * (dx + dy) * c)).sum(-1) + tail[4] * torch.exp2(0.5 * (dx_tail + dy_tail) * c)
     lse_x = mx.double() * inv_t + torch.log(sx.double())
@@ -158,10 +162,7 @@ def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
         xb, xt = _blocks(x)
         main = _entropy_block_stats(xb.to(acc), c)
         tail = _entropy_block_stats(xt.to(acc), c)
-        m = torch.maximum(main[0].amax(-1), tail[0])
-        shift = torch.where(main[0] > _NEG_INF, main[0] - m.unsqueeze(-1), 0.0)  # an all -inf block has s_b = 0
-        shift_tail = torch.where(tail[0] > _NEG_INF, tail[0] - m, 0.0)
-        w, w_tail = torch.exp2(shift * c), torch.exp2(shift_tail * c)
+        m, shift, shift_tail, w, w_tail = _merge(main[0], tail[0], c)
         s = (main[1] * w).sum(-1) + tail[1] * w_tail
         d = ((main[2] + shift * main[1]) * w).sum(-1) + (tail[2] + shift_tail * tail[1]) * w_tail
     s64, mean_shift = s.double(), d.double() * inv_t / s.double()
@@ -183,15 +184,6 @@ def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
     hx = torch.where(live_x, ex * sx_, 0.0).sum(-1)
     hy = torch.where(y > _NEG_INF, ey * sy_, 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1), hx, hy
-
-
-def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row maximum of block maxima ``[rows, nb]`` and tail maxima ``[rows]``, the blocks' shifts to it
-    (0 for an all ``-inf`` block, whose sums are 0) and their weights ``2^{c shift}``."""
-    m = torch.maximum(m_b.amax(-1), m_t)
-    shift = torch.where(m_b > _NEG_INF, m_b - m.unsqueeze(-1), 0.0)
-    shift_t = torch.where(m_t > _NEG_INF, m_t - m, 0.0)
-    return m, shift, shift_t, torch.exp2(shift * c), torch.exp2(shift_t * c)
 
 
 def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,89 +393,77 @@ def _scalar(value: float, x: Tensor) -> Tensor:
     return torch.full((), value, dtype=torch.float64, device=x.device)
 
 
-def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
-    """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``)."""
-    inv_t = _scalar(1.0 / temperature, x)
-    if x.shape[0] * x.shape[1] == 0:
+def _forward_rows(
+    op: str, inputs: tuple[Tensor, ...], temperature: float, values: tuple[int, ...], n_stats: int
+) -> tuple[Tensor, Tensor]:
+    """The compiled forward of ``op`` over ``[batch, seq, vocab]`` inputs, as 2-D row views (no copy).
+
+    Returns the values ``[batch, seq, *values]`` and the float64 stats ``[batch, seq, n_stats]``.
+    """
+    x = inputs[0]
+    lead = x.shape[:-1]
+    if lead.numel() == 0:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 4), dtype=torch.float64)
-    parts = [_call("forward", x.dtype, divergence, xr, yr, inv_t) for xr, yr in _row_views(x, y)]
+        return x.new_zeros((*lead, *values), dtype=acc), x.new_zeros((*lead, n_stats), dtype=torch.float64)
+    inv_t = _scalar(1.0 / temperature, x)
+    parts = [_call("forward", x.dtype, op, *rows, inv_t) for rows in _row_views(*inputs)]
     if len(parts) == 1:
         value, stats = parts[0]
     else:
         value, stats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return value.view(x.shape[:-1]), stats.view(*x.shape[:-1], 4)
+    return value.view(*lead, *values), stats.view(*lead, n_stats)
+
+
+def _backward_rows(
+    op: str, grad: Tensor, inputs: tuple[Tensor, ...], stats: Tensor, temperature: float
+) -> tuple[Tensor, ...]:
+    """The compiled backward of ``op``: the gradients w.r.t. each of ``inputs``, in their dtypes."""
+    x = inputs[0]
+    if x.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in inputs)
+    inv_t = _scalar(1.0 / temperature, x)
+    views = _row_views(*inputs)
+
+    def run(g: Tensor, rows: tuple[Tensor, ...], s: Tensor) -> tuple[Tensor, ...]:
+        out = _call("backward", x.dtype, op, g, *rows, s, inv_t)
+        return out if isinstance(out, tuple) else (out,)
+
+    if len(views) == 1:
+        grads = run(grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]))
+        return tuple(g.view(t.shape) for g, t in zip(grads, inputs))
+    per_batch = [run(grad[b], rows, stats[b]) for b, rows in enumerate(views)]
+    return tuple(torch.stack(gs) for gs in zip(*per_batch))
+
+
+def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``)."""
+    return _forward_rows(divergence, (x, y), temperature, (), 4)
 
 
 def backward(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``x`` and ``y`` (``[batch, seq, vocab]``), in their dtypes."""
-    if x.numel() == 0:
-        return torch.zeros_like(x), torch.zeros_like(y)
-    inv_t = _scalar(1.0 / temperature, x)
-    views = _row_views(x, y)
-    if len(views) == 1:
-        (xr, yr), g, s = views[0], grad.reshape(-1), stats.reshape(-1, 4)
-        gx, gy = _call("backward", x.dtype, divergence, g, xr, yr, s, inv_t)
-        return gx.view(x.shape), gy.view(y.shape)
-    grads = [
-        _call("backward", x.dtype, divergence, grad[b], xr, yr, stats[b], inv_t) for b, (xr, yr) in enumerate(views)
-    ]
-    return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
+    gx, gy = _backward_rows(divergence, grad, (x, y), stats, temperature)
+    return gx, gy
 
 
 def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (entropy ``[batch, seq]``, stats ``[batch, seq, 2]``)."""
-    inv_t = _scalar(1.0 / temperature, x)
-    if x.shape[0] * x.shape[1] == 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_zeros(x.shape[:-1], dtype=acc), x.new_zeros((*x.shape[:-1], 2), dtype=torch.float64)
-    parts = [_call("forward", x.dtype, "entropy", xr, inv_t) for (xr,) in _row_views(x)]
-    if len(parts) == 1:
-        value, stats = parts[0]
-    else:
-        value, stats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return value.view(x.shape[:-1]), stats.view(*x.shape[:-1], 2)
+    return _forward_rows("entropy", (x,), temperature, (), 2)
 
 
 def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
     """Gradient w.r.t. ``x`` (``[batch, seq, vocab]``), in its dtype."""
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    inv_t = _scalar(1.0 / temperature, x)
-    views = _row_views(x)
-    if len(views) == 1:
-        gx = _call("backward", x.dtype, "entropy", grad.reshape(-1), views[0][0], stats.reshape(-1, 2), inv_t)
-        return gx.view(x.shape)
-    return torch.stack(
-        [_call("backward", x.dtype, "entropy", grad[b], xr, stats[b], inv_t) for b, (xr,) in enumerate(views)]
-    )
+    return _backward_rows("entropy", grad, (x,), stats, temperature)[0]
 
 
 def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
-    inv_t = _scalar(1.0 / temperature, x)
-    if x.shape[0] * x.shape[1] == 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return x.new_zeros((*x.shape[:-1], 3), dtype=acc), x.new_zeros((*x.shape[:-1], 5), dtype=torch.float64)
-    parts = [_call("forward", x.dtype, "joint", xr, yr, inv_t) for xr, yr in _row_views(x, y)]
-    if len(parts) == 1:
-        values, stats = parts[0]
-    else:
-        values, stats = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    return values.view(*x.shape[:-1], 3), stats.view(*x.shape[:-1], 5)
+    return _forward_rows("joint", (x, y), temperature, (3,), 5)
 
 
 def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``x`` and ``y`` (``[batch, seq, vocab]``) of ``sum(grad * (KL, H(p), H(q)))``."""
-    if x.numel() == 0:
-        return torch.zeros_like(x), torch.zeros_like(y)
-    inv_t = _scalar(1.0 / temperature, x)
-    views = _row_views(x, y)
-    if len(views) == 1:
-        (xr, yr), g, s = views[0], grad.reshape(-1, 3), stats.reshape(-1, 5)
-        gx, gy = _call("backward", x.dtype, "joint", g, xr, yr, s, inv_t)
-        return gx.view(x.shape), gy.view(y.shape)
-    grads = [_call("backward", x.dtype, "joint", grad[b], xr, yr, stats[b], inv_t) for b, (xr, yr) in enumerate(views)]
-    return torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads])
+    gx, gy = _backward_rows("joint", grad, (x, y), stats, temperature)
+    return gx, gy
