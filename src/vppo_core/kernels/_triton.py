@@ -174,6 +174,23 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _entropy_step(m, s, h, x):
+    """One block of a row's online entropy sums: the maximum ``m``, ``s = sum e^{x - m}`` and
+    ``h = sum e^{x - m} (x - m)``. Returns the new ``(m, s, h)``, the block's ``e^{x - use}`` and
+    ``alpha = e^{m_old - use}``, which rescales any other sum kept at the same shift (``use``: the new
+    maximum, 0 while it is -inf so that exp() stays finite)."""
+    new = tl.maximum(m, tl.max(x, 0))
+    use = tl.where(new == -float("inf"), 0.0, new)
+    alpha = tl.exp(m - use)
+    e = tl.exp(x - use)
+    # move h to the new shift: + (m - use) s; nothing while s = 0 (m = -inf)
+    h = alpha * (h + tl.where(s > 0, (m - use) * s, 0.0))
+    h += tl.sum(tl.where(x > -float("inf"), e * (x - use), 0.0), 0)
+    s = s * alpha + tl.sum(e, 0)
+    return new, s, h, e, alpha
+
+
+@triton.jit
 def _entropy_fwd_kernel(X, OUT, STATS, SEQ, VOCAB, stride_xb, stride_xs, inv_t, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // SEQ
@@ -187,16 +204,7 @@ def _entropy_fwd_kernel(X, OUT, STATS, SEQ, VOCAB, stride_xb, stride_xs, inv_t, 
     for start in range(0, VOCAB, BLOCK):
         offs = start + cols
         x = tl.load(x_row + offs, mask=offs < VOCAB, other=-float("inf")).to(tl.float32) * inv_t
-        new = tl.maximum(m, tl.max(x, 0))
-        use = tl.where(new == -float("inf"), 0.0, new)
-        alpha = tl.exp(m - use)
-        shifted = x - use
-        e = tl.exp(shifted)
-        # move d to the new shift: sum e^{x - m}(x - m) -> + (m - use) s; nothing while s = 0 (m = -inf)
-        moved = tl.where(total > 0, (m - use) * total, 0.0)
-        d = alpha * (d + moved) + tl.sum(tl.where(x > -float("inf"), e * shifted, 0.0), 0)
-        total = total * alpha + tl.sum(e, 0)
-        m = new
+        m, total, d, _, _ = _entropy_step(m, total, d, x)
     mean_shift = d / total
     value = tl.log(total) - mean_shift  # no distribution (total = 0): NaN
     tl.store(OUT + row, tl.where(value < 0.0, 0.0, value))  # clamp at 0 against rounding; NaN stays NaN
@@ -257,26 +265,9 @@ def _joint_fwd_kernel(
         live = offs < VOCAB
         x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
         y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32) * inv_t
-        new_x = tl.maximum(m_x, tl.max(x, 0))
-        new_y = tl.maximum(m_y, tl.max(y, 0))
-        use_x = tl.where(new_x == -float("inf"), 0.0, new_x)  # all -inf so far: keep exp() finite
-        use_y = tl.where(new_y == -float("inf"), 0.0, new_y)
-        alpha_x = tl.exp(m_x - use_x)
-        alpha_y = tl.exp(m_y - use_y)
-        ex = tl.exp(x - use_x)
-        ey = tl.exp(y - use_y)
-        live_x = x > -float("inf")
-        live_y = y > -float("inf")
-        # move h to the new shift: sum e^{x - m}(x - m) -> + (m - use) s; nothing while s = 0 (m = -inf)
-        h_x = alpha_x * (h_x + tl.where(s_x > 0, (m_x - use_x) * s_x, 0.0))
-        h_x += tl.sum(tl.where(live_x, ex * (x - use_x), 0.0), 0)
-        h_y = alpha_y * (h_y + tl.where(s_y > 0, (m_y - use_y) * s_y, 0.0))
-        h_y += tl.sum(tl.where(live_y, ey * (y - use_y), 0.0), 0)
-        d = d * alpha_x + tl.sum(tl.where(live_x, ex * (x - y), 0.0), 0)
-        s_x = s_x * alpha_x + tl.sum(ex, 0)
-        s_y = s_y * alpha_y + tl.sum(ey, 0)
-        m_x = new_x
-        m_y = new_y
+        m_x, s_x, h_x, ex, alpha_x = _entropy_step(m_x, s_x, h_x, x)
+        m_y, s_y, h_y, _, _ = _entropy_step(m_y, s_y, h_y, y)
+        d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
     log_sx = tl.log(s_x).to(tl.float64)
     log_sy = tl.log(s_y).to(tl.float64)
     lse_x = m_x.to(tl.float64) + log_sx
