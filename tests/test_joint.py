@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import vppo_core.kernels as K
 from vppo_core import token_entropy, visual_dependency, visual_dependency_and_entropies
-from vppo_core.kernels import _chunks, _compile
+from vppo_core.kernels import _chunks, _compile, _cpu
 
 from .helpers import LargestFloat32, assert_inputs_unchanged, random_mask
 
@@ -295,6 +295,7 @@ def test_auto_falls_back_to_torch_when_compilation_fails(monkeypatch):
 
     monkeypatch.setattr(K, "AUTO_COMPILE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(_compile, "joint_forward", broken)
+    monkeypatch.setattr(_cpu, "available", lambda: False)  # no C compiler either
     monkeypatch.setattr(_compile, "_state", {"broken": False})
     x, y = logits((2, 3, 50), torch.float32), logits((2, 3, 50), torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import vppo_core.kernels as K
 from vppo_core import token_entropy, visual_dependency, visual_dependency_from_hidden
-from vppo_core.kernels import _compile, _hidden
+from vppo_core.kernels import _compile, _cpu, _hidden
 
 from .helpers import assert_inputs_unchanged, random_mask
 
@@ -154,10 +154,12 @@ def test_property_divergence_bounds(rows, vocab, scale, temperature, seed):
 # ----------------------------------------------------------------------------- backend choice and errors
 
 
-def test_auto_routes_small_and_float64_to_torch_and_large_to_compile():
-    big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4, device="meta")
+def test_auto_routes_small_and_float64_to_torch_and_large_to_cpu_or_compile(monkeypatch):
+    big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4)
     assert K.resolve_backend("auto", torch.empty(3, 5, 11)) == "torch"
     assert K.resolve_backend("auto", big.double()) == "torch"
+    assert K.resolve_backend("auto", big) == ("cpu" if _cpu.available() else "compile")
+    monkeypatch.setattr(_cpu, "available", lambda: False)
     assert K.resolve_backend("auto", big) == ("compile" if _compile.usable() else "torch")
     assert K.resolve_backend("torch", big) == "torch"
 
@@ -181,6 +183,7 @@ def test_auto_falls_back_to_torch_when_compilation_fails(monkeypatch):
 
     monkeypatch.setattr(K, "AUTO_COMPILE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(_compile, "forward", broken)
+    monkeypatch.setattr(_cpu, "available", lambda: False)  # no C compiler either
     monkeypatch.setattr(_compile, "_state", {"broken": False})
     x, y = logits((2, 3, 50), torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):

@@ -16,7 +16,7 @@ import torch
 
 import vppo_core.kernels as K
 from vppo_core import token_entropy
-from vppo_core.kernels import _compile
+from vppo_core.kernels import _compile, _cpu
 
 from .helpers import assert_inputs_unchanged, random_mask
 
@@ -190,6 +190,7 @@ def test_auto_falls_back_to_torch_when_compilation_fails(monkeypatch):
 
     monkeypatch.setattr(K, "AUTO_COMPILE_MIN_ELEMENTS", 1)
     monkeypatch.setattr(_compile, "entropy_forward", broken)
+    monkeypatch.setattr(_cpu, "available", lambda: False)  # no C compiler either
     monkeypatch.setattr(_compile, "_state", {"broken": False})
     x = logits((2, 3, 50), torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):

@@ -35,7 +35,7 @@ def visual_dependency_and_entropies(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "cpu", "compile", "torch"] = "auto",
 ) -> DependencyEntropies:
     r"""Visual dependency and the entropy of each view, per token, from one read of each logit tensor.
 
@@ -74,10 +74,11 @@ def visual_dependency_and_entropies(
 
     Backends as in [`visual_dependency`][vppo_core.visual_dependency]: ``"torch"`` (chunked eager),
     ``"compile"`` (one blocked ``torch.compile`` kernel for the three values), ``"triton"`` (one
-    online GPU kernel per row and a blocked backward, ``torch.library`` custom ops); ``"auto"``
-    picks Triton for CUDA tensors, ``"compile"`` for at least ``2**20`` logits per input on the
-    CPU, ``"torch"`` for float64 and smaller inputs, and falls back to ``"torch"`` (with a warning)
-    if compiling fails.
+    online GPU kernel per row and a blocked backward, ``torch.library`` custom ops), ``"cpu"`` (the
+    hand-vectorised C kernel, one read of each input); ``"auto"`` picks Triton for CUDA tensors,
+    ``"cpu"`` for at least ``2**20`` logits per input on the CPU (``"compile"`` without a C
+    compiler), ``"torch"`` for float64 and smaller inputs, and falls back to ``"torch"`` (with a
+    warning) if compiling fails.
 
     Special values as in [`visual_dependency`][vppo_core.visual_dependency] and
     [`token_entropy`][vppo_core.token_entropy]: a vocabulary entry ``-inf`` in both inputs
@@ -96,7 +97,7 @@ def visual_dependency_and_entropies(
         logits_noimg: Logits with the perturbed (or no) image, same shape and dtype.
         response_mask: Positions that count (bool or 0/1); ``None`` counts every position.
         temperature: $T > 0$ of both softmaxes.
-        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"cpu"``, ``"compile"`` or ``"torch"``.
 
     Returns:
         [`DependencyEntropies`][vppo_core.DependencyEntropies] ``(dependency, entropy_img, entropy_noimg)``.

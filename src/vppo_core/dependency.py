@@ -28,7 +28,7 @@ def visual_dependency(
     *,
     temperature: float = 1.0,
     divergence: Literal["kl", "reverse_kl", "jsd", "hellinger"] = "kl",
-    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "cpu", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Exact token visual dependency: the KL between the policy with the real and the perturbed image.
 
@@ -63,12 +63,15 @@ def visual_dependency(
     [`hellinger`][vppo_core.signals.hellinger]).
 
     Backends (see ``docs/kernels.md``): ``"torch"`` is chunked eager PyTorch; ``"compile"`` a
-    kernel compiled with ``torch.compile`` that reads each input once (CPU and GPU); ``"triton"`` a fused
-    single-pass GPU kernel (a ``torch.library`` custom op, so it also runs inside your
-    step compiled with ``torch.compile``). ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for inputs of
-    at least ``2**20`` logits, and ``"torch"`` for float64 and smaller inputs (where a compile would
-    cost seconds to save microseconds) or where ``torch.compile`` is unavailable. All backends give
-    the same values up to float32 rounding.
+    kernel compiled with ``torch.compile`` that reads each input once (CPU and GPU); ``"cpu"`` a
+    hand-vectorised C kernel for CPU tensors that reads each input once and overlaps the reads with
+    the arithmetic (built with the system C compiler at first use; backward as ``"compile"``);
+    ``"triton"`` a fused single-pass GPU kernel. ``"cpu"`` and ``"triton"`` are ``torch.library``
+    custom ops, so they also run inside your step compiled with ``torch.compile``. ``"auto"`` picks
+    Triton for CUDA tensors; for CPU inputs of at least ``2**20`` logits ``"cpu"`` (``"compile"`` if
+    no C compiler is found, or inside your ``torch.compile``); and ``"torch"`` for float64 and
+    smaller inputs (where a compile would cost seconds to save microseconds) or where neither
+    compiler is available. All backends give the same values up to float32 rounding.
 
     Special values: a vocabulary entry that is ``-inf`` in ``logits_img`` contributes nothing (it has
     zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
@@ -91,7 +94,7 @@ def visual_dependency(
         temperature: Sampling temperature $T > 0$ the logits are divided by (never in place).
         divergence: ``"kl"`` (default, the paper's), ``"reverse_kl"``, ``"jsd"`` or ``"hellinger"``
             (squared).
-        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"cpu"``, ``"compile"`` or ``"torch"``.
 
     Returns:
         The per-token divergence, float32 (float64 for float64 inputs on the ``"torch"`` and
@@ -100,7 +103,8 @@ def visual_dependency(
     Raises:
         ValueError: If the inputs have different dtypes or devices, fewer than 2 or more than 3
             dimensions, ``temperature <= 0``, an unknown ``divergence`` or ``backend``, or a backend
-            that cannot run here (``"triton"`` without CUDA, or for float64).
+            that cannot run here (``"triton"`` without CUDA, ``"cpu"`` on a GPU tensor or without a C
+            compiler, either for float64).
         TypeError: If a shape or dtype does not match the annotation (jaxtyping).
 
     Example:
@@ -198,7 +202,7 @@ def visual_dependency_from_hidden(
     *,
     temperature: float = 1.0,
     divergence: Literal["kl", "reverse_kl", "jsd", "hellinger"] = "kl",
-    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "cpu", "compile", "torch"] = "auto",
     chunk_size: int = 1024,
     vocab_chunk_size: int = 8192,
 ) -> Float[Tensor, "*batch"]:
@@ -233,7 +237,7 @@ def visual_dependency_from_hidden(
         temperature: Sampling temperature $T > 0$.
         divergence: ``"kl"`` (default), ``"reverse_kl"``, ``"jsd"`` (which sweeps the tiles twice) or
             ``"hellinger"`` (squared; merges a third log-sum-exp, $\operatorname{lse}((x + y)/2)$).
-        backend: Row kernel for each tile: ``"auto"``, ``"triton"``, ``"compile"`` or ``"torch"``.
+        backend: Row kernel for each tile: ``"auto"``, ``"triton"``, ``"cpu"``, ``"compile"`` or ``"torch"``.
         chunk_size: Tokens per tile.
         vocab_chunk_size: Vocabulary entries per tile.
 

@@ -33,7 +33,7 @@ def token_entropy(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "cpu", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Entropy of the policy's next-token distribution at every position, over the full vocabulary.
 
@@ -56,10 +56,10 @@ def token_entropy(
     (an entropy bonus or penalty), with a backward that reads the logits once more.
 
     Backends as in [`visual_dependency`][vppo_core.visual_dependency]: ``"torch"`` (chunked eager),
-    ``"compile"`` (a blocked ``torch.compile`` kernel), ``"triton"`` (a fused GPU kernel and a
-    ``torch.library`` custom op); ``"auto"`` picks Triton for CUDA tensors, ``"compile"`` for at
-    least ``2**20`` logits on the CPU (and inside a caller's ``torch.compile``), ``"torch"`` for
-    float64 and smaller inputs.
+    ``"compile"`` (a blocked ``torch.compile`` kernel), ``"cpu"`` (the hand-vectorised C kernel),
+    ``"triton"`` (a fused GPU kernel and a ``torch.library`` custom op); ``"auto"`` picks Triton for
+    CUDA tensors, ``"cpu"`` for at least ``2**20`` logits on the CPU (``"compile"`` without a C
+    compiler and inside a caller's ``torch.compile``), ``"torch"`` for float64 and smaller inputs.
 
     Special values: ``-inf`` logits have zero probability and contribute nothing ($0\log 0 = 0$), and
     receive zero gradient. A NaN in a counted row, or a row whose logits are all ``-inf``, gives NaN.
@@ -75,7 +75,7 @@ def token_entropy(
         logits: Next-token logits (any float dtype, any strides; never modified).
         response_mask: Positions that count; ``None`` counts every position.
         temperature: Sampling temperature $T > 0$ the logits are divided by.
-        backend: ``"auto"`` (default), ``"triton"``, ``"compile"`` or ``"torch"``.
+        backend: ``"auto"`` (default), ``"triton"``, ``"cpu"``, ``"compile"`` or ``"torch"``.
 
     Returns:
         Per-token entropy in nats, float32 (float64 for float64 input on the ``"torch"`` and
@@ -84,7 +84,8 @@ def token_entropy(
     Raises:
         ValueError: If ``logits`` has fewer than 2 or more than 3 dimensions, ``temperature <= 0``,
             the tensors are on different devices, an unknown ``backend``, or a backend that cannot
-            run here (``"triton"`` without CUDA, or for float64).
+            run here (``"triton"`` without CUDA, ``"cpu"`` on a GPU tensor or without a C compiler,
+            either for float64).
         TypeError: If a shape or dtype does not match the annotation (jaxtyping).
 
     Example:

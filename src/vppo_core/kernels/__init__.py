@@ -5,11 +5,12 @@ logit tensors (KL, reverse KL, Jensen-Shannon, squared Hellinger), the entropy o
 with both entropies from one pass (`divergence_and_entropies`).
 
 Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
-eager; ``_compile``: ``torch.compile``; ``_triton``: Triton GPU kernels as ``torch.library`` custom
-ops), the autograd layer that saves tensors and delegates (``_autograd``), and the public, checked
-functions in `vppo_core.dependency`, `vppo_core.entropy` and ``vppo_core._joint``, which call
-`divergence`, `divergence_from_hidden`, `entropy` and `divergence_and_entropies` here. ``_hidden``
-drives any backend over tiles of logits computed from hidden states.
+eager; ``_compile``: ``torch.compile``; ``_cpu``: a hand-vectorised C forward for CPU tensors, built
+at first use, as a ``torch.library`` custom op; ``_triton``: Triton GPU kernels as custom ops), the
+autograd layer that saves tensors and delegates (``_autograd``), and the public, checked functions
+in `vppo_core.dependency`, `vppo_core.entropy` and ``vppo_core._joint``, which call `divergence`,
+`divergence_from_hidden`, `entropy` and `divergence_and_entropies` here. ``_hidden`` drives any backend
+over tiles of logits computed from hidden states.
 
 Backend choice (``backend="auto"``):
 
@@ -17,8 +18,9 @@ Backend choice (``backend="auto"``):
 - inside a caller's ``torch.compile``: ``"compile"`` (its plain-torch core is traced into the graph);
 - float64, or fewer than :data:`AUTO_COMPILE_MIN_ELEMENTS` logits per input: ``"torch"`` (float64 is
   for oracles and gradcheck; for small inputs a compile costs seconds and saves microseconds);
-- otherwise ``"compile"`` when ``torch.compile`` works here, else ``"torch"``. If compiling fails at
-  run time, the process warns once and uses ``"torch"`` from then on.
+- otherwise, on the CPU, ``"cpu"`` when its C kernel builds here (a C compiler is found), then
+  ``"compile"`` when ``torch.compile`` works here, else ``"torch"``. If compiling fails at run time,
+  the process warns once and uses ``"torch"`` from then on.
 """
 
 import importlib.util
@@ -30,11 +32,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _autograd, _compile, _hidden, _torch
+from . import _autograd, _compile, _cpu, _hidden, _torch
 
-Backend = Literal["auto", "triton", "compile", "torch"]
+Backend = Literal["auto", "triton", "cpu", "compile", "torch"]
 Divergence = Literal["kl", "reverse_kl", "jsd", "hellinger"]
-BACKENDS = ("auto", "triton", "compile", "torch")
+BACKENDS = ("auto", "triton", "cpu", "compile", "torch")
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "hellinger")
 
 #: Below this many logits per input, ``backend="auto"`` uses the eager ``"torch"`` path.
@@ -65,6 +67,8 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
             return "compile"
         if dtype == torch.float64 or numel < AUTO_COMPILE_MIN_ELEMENTS:
             return "torch"
+        if device.type == "cpu" and _cpu.available():
+            return "cpu"
         return "compile" if _compile.usable() else "torch"
     if backend == "triton":
         if not triton_importable():
@@ -77,6 +81,14 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
         if dtype == torch.float64:
             raise ValueError("backend='triton' computes in float32; use backend='torch' for float64 inputs")
         return "triton"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {device}")
+        if dtype not in _cpu.DTYPES:
+            raise ValueError(f"backend='cpu' takes float32, bfloat16 or float16 logits, got {dtype}; use 'torch'")
+        if not torch.compiler.is_compiling() and not _cpu.available():
+            raise ValueError("backend='cpu' needs a C compiler to build its kernel (cc, gcc or clang, or $CC)")
+        return "cpu"
     if backend == "compile" and not torch.compiler.is_compiling() and not _compile.available():
         raise ValueError("backend='compile' needs a working torch.compile (Dynamo and a C++ compiler for CPU)")
     return backend
@@ -96,18 +108,23 @@ def _dispatch(
     backend: str,
     x: Tensor,
     triton_fn: Callable[[], Tensor],
-    compiled_fn: Callable[[], Tensor],
+    fused_fn: Callable[[str], Tensor],
     torch_fn: Callable[[], Tensor],
 ) -> Tensor:
-    """Run the backend that `resolve_backend` picks; ``"auto"`` falls back to ``"torch"`` if compiling fails."""
+    """Run the backend that `resolve_backend` picks; ``"auto"`` falls back to ``"torch"`` if compiling fails.
+
+    ``fused_fn(impl)`` runs the ``"compile"`` or ``"cpu"`` backend.
+    """
     name = resolve_backend(backend, x)
     if name == "triton":
         return triton_fn()
+    if name == "cpu":
+        return fused_fn("cpu")
     if name == "compile":
         if backend != "auto" or torch.compiler.is_compiling():
-            return compiled_fn()
+            return fused_fn("compile")
         try:
-            return compiled_fn()
+            return fused_fn("compile")
         except Exception as err:  # a compiler that is missing or broken at run time
             _warn_fallback(err)
     return torch_fn()
@@ -126,7 +143,7 @@ def divergence(x: Tensor, y: Tensor, temperature: float, *, divergence: str = "k
         backend,
         x,
         lambda: _autograd.triton_divergence(x, y, temperature, divergence),
-        lambda: _autograd.CompiledDivergence.apply(x, y, temperature, divergence),
+        lambda impl: _autograd.FusedDivergence.apply(x, y, temperature, divergence, impl),
         lambda: _autograd.TorchDivergence.apply(x, y, temperature, divergence),
     )
 
@@ -140,7 +157,7 @@ def entropy(x: Tensor, temperature: float, *, backend: str = "auto") -> Tensor:
         backend,
         x,
         lambda: _autograd.triton_entropy(x, temperature),
-        lambda: _autograd.CompiledEntropy.apply(x, temperature),
+        lambda impl: _autograd.FusedEntropy.apply(x, temperature, impl),
         lambda: _autograd.TorchEntropy.apply(x, temperature),
     )
 
@@ -155,7 +172,7 @@ def divergence_and_entropies(x: Tensor, y: Tensor, temperature: float, *, backen
         backend,
         x,
         lambda: _autograd.triton_joint(x, y, temperature),
-        lambda: _autograd.CompiledJoint.apply(x, y, temperature),
+        lambda impl: _autograd.FusedJoint.apply(x, y, temperature, impl),
         lambda: _autograd.TorchJoint.apply(x, y, temperature),
     )
 
@@ -173,6 +190,8 @@ def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.
         return fwd, bwd, _compile.jsd_partial if _compile.usable() else _torch.jsd_partial_chunked
     if name == "compile":
         return _compile.forward, _compile.backward, _compile.jsd_partial
+    if name == "cpu":
+        return _cpu.forward, _cpu.backward, _compile.jsd_partial if _compile.usable() else _torch.jsd_partial_chunked
     return _torch.forward, _torch.backward, _torch.jsd_partial_chunked
 
 
@@ -207,6 +226,7 @@ __all__ = [
     "AUTO_COMPILE_MIN_ELEMENTS",
     "BACKENDS",
     "DIVERGENCES",
+    "Backend",
     "divergence",
     "divergence_and_entropies",
     "divergence_from_hidden",

@@ -3,8 +3,10 @@
 Each Function saves its inputs (references, not copies) and the backend's float64 row statistics
 (``[batch, seq, 4]`` for a divergence, ``[batch, seq, 2]`` for the entropy), so the backward reads every
 input element once and recomputes no reduction.
-The Triton backend is a ``torch.library.custom_op`` (opaque to ``torch.compile``); its autograd
-formula is registered here with ``torch.library.register_autograd``, the same save-and-delegate shape.
+The ``Fused*`` Functions serve the ``"compile"`` and ``"cpu"`` backends (``impl`` names the module:
+`._compile` or `._cpu`, which share the backward). The Triton backend is a
+``torch.library.custom_op`` (opaque to ``torch.compile``); its autograd formula is registered here
+with ``torch.library.register_autograd``, the same save-and-delegate shape.
 """
 
 from types import ModuleType
@@ -14,7 +16,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _compile, _hidden, _torch
+from . import _compile, _cpu, _hidden, _torch
+
+FUSED = {"compile": _compile, "cpu": _cpu}
 
 
 class TorchDivergence(torch.autograd.Function):
@@ -35,21 +39,21 @@ class TorchDivergence(torch.autograd.Function):
         return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
 
 
-class CompiledDivergence(torch.autograd.Function):
-    """Row-wise divergence with the ``torch.compile`` kernels (traced into a caller's compiled graph)."""
+class FusedDivergence(torch.autograd.Function):
+    """Row-wise divergence with the ``impl`` backend (``"compile"``: traced into a caller's compiled graph)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float, divergence: str) -> Tensor:
-        value, stats = _compile.forward(x, y, temperature, divergence)
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float, divergence: str, impl: str) -> Tensor:
+        value, stats = FUSED[impl].forward(x, y, temperature, divergence)
         ctx.save_for_backward(x, y, stats)
-        ctx.temperature, ctx.divergence = temperature, divergence
+        ctx.temperature, ctx.divergence, ctx.impl = temperature, divergence, impl
         return value
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x, y, stats = ctx.saved_tensors
-        gx, gy = _compile.backward(grad, x, y, stats, ctx.temperature, ctx.divergence)
-        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
+        gx, gy = FUSED[ctx.impl].backward(grad, x, y, stats, ctx.temperature, ctx.divergence)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 class TorchEntropy(torch.autograd.Function):
@@ -69,20 +73,20 @@ class TorchEntropy(torch.autograd.Function):
         return _torch.entropy_backward(grad, x, stats, ctx.temperature), None
 
 
-class CompiledEntropy(torch.autograd.Function):
-    """Row-wise entropy with the ``torch.compile`` kernels (traced into a caller's compiled graph)."""
+class FusedEntropy(torch.autograd.Function):
+    """Row-wise entropy with the ``impl`` backend (``"compile"`` or ``"cpu"``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, temperature: float) -> Tensor:
-        value, stats = _compile.entropy_forward(x, temperature)
+    def forward(ctx: Any, x: Tensor, temperature: float, impl: str) -> Tensor:
+        value, stats = FUSED[impl].entropy_forward(x, temperature)
         ctx.save_for_backward(x, stats)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.impl = temperature, impl
         return value
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         x, stats = ctx.saved_tensors
-        return _compile.entropy_backward(grad, x, stats, ctx.temperature), None
+        return FUSED[ctx.impl].entropy_backward(grad, x, stats, ctx.temperature), None, None
 
 
 class TorchJoint(torch.autograd.Function):
@@ -103,21 +107,21 @@ class TorchJoint(torch.autograd.Function):
         return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
 
 
-class CompiledJoint(torch.autograd.Function):
-    """KL and both entropies, ``[batch, seq, 3]``, with the ``torch.compile`` kernels."""
+class FusedJoint(torch.autograd.Function):
+    """KL and both entropies, ``[batch, seq, 3]``, with the ``impl`` backend (``"compile"`` or ``"cpu"``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float) -> Tensor:
-        values, stats = _compile.joint_forward(x, y, temperature)
+    def forward(ctx: Any, x: Tensor, y: Tensor, temperature: float, impl: str) -> Tensor:
+        values, stats = FUSED[impl].joint_forward(x, y, temperature)
         ctx.save_for_backward(x, y, stats)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.impl = temperature, impl
         return values
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, y, stats = ctx.saved_tensors
-        gx, gy = _compile.joint_backward(grad, x, y, stats, ctx.temperature)
-        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None)
+        gx, gy = FUSED[ctx.impl].joint_backward(grad, x, y, stats, ctx.temperature)
+        return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None)
 
 
 def _triton_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:

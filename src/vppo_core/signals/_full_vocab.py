@@ -21,7 +21,7 @@ def jensen_shannon(
     response_mask: Shaped[Tensor, "*batch"] | None = None,
     *,
     temperature: float = 1.0,
-    backend: Literal["auto", "triton", "compile", "torch"] = "auto",
+    backend: Literal["auto", "triton", "cpu", "compile", "torch"] = "auto",
 ) -> Float[Tensor, "*batch"]:
     r"""Per-token Jensen-Shannon divergence between the policy on the original input and on a view.
 

@@ -1,0 +1,226 @@
+"""``"cpu"`` backend: a hand-vectorised C kernel for the forward row statistics, built at first use.
+
+``torch.compile`` on the CPU leaves the forward compute-bound on the exponentials (Inductor's
+``exp2`` is a general-purpose vector routine) and reads the next block only when it gets to it. The
+kernel in ``_cpu_kernel.c`` does the same single read of each input as the compiled one (blocks
+of 2048 entries, float32 block sums merged into float64 row sums), with two changes that matter on
+a CPU: ``2^t`` from a 16-entry table and a cubic (AVX-512; a degree-6 polynomial elsewhere), and a
+software prefetch of the next block while the current one is computed, so that the memory stream
+and the arithmetic overlap. Rows are split over ``torch.get_num_threads()`` threads.
+
+Build. The first call compiles the C file with the system C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``; ``-O3 -march=native``, retried without ``-march=native`` if that fails) into
+``$VPPO_CORE_CACHE_DIR`` (default ``~/.cache/vppo_core``), keyed by the source, the flags, the
+compiler and the CPU model and flags, so a shared home directory never hands one machine another's
+instructions. The build is about a second; later processes load the cached library.
+
+Layers. The kernel is the custom op ``vppo_core::cpu_row_stats`` (opaque to a caller's
+``torch.compile``); the float64 finalisation is `._compile`'s (``finish_*``), so both backends
+turn the same sums into values and saved statistics; the backward is `._compile`'s pointwise pass
+(or `._torch`'s when ``torch.compile`` is unusable).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import _compile, _torch
+
+LOG2E = 1.4426950408889634
+NCOL = 7  # columns of the kernel's per-row output
+MODES = {"kl": 0, "jsd": 0, "hellinger": 1, "entropy": 2, "joint": 3}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_SOURCE = Path(__file__).with_name("_cpu_kernel.c")
+_FLAGS = ["-O3", "-std=c11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]
+
+#: ``"portable"``: build the portable C loops instead of the AVX-512 ones (tests use it to check both).
+_state = {"portable": False}
+
+
+def compiler() -> str | None:
+    """The C compiler the build uses, or None."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _machine() -> str:
+    """CPU model and feature flags (``/proc/cpuinfo``), or the platform's description elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return platform.machine() + "\n" + "\n".join(sorted(set(keep)))
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("VPPO_CORE_CACHE_DIR"):
+        return Path(os.environ["VPPO_CORE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vppo_core"
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the cpu kernel failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders never load a half-written file
+
+
+@functools.cache
+def library(portable: bool = False) -> ctypes.CDLL:
+    """Build (or load from the cache) and load the kernel library; raises RuntimeError if it cannot."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("the cpu backend needs a C compiler (cc, gcc or clang, or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    extra = ["-DVPPO_PORTABLE"] if portable else []
+    errors = []
+    for arch in (["-march=native"], []):
+        flags = [*_FLAGS, *arch, *extra]
+        key = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, version, _machine()]).encode()).hexdigest()
+        target = _cache_dir() / f"cpu_kernel_{key[:24]}.so"
+        try:
+            if not target.exists():
+                _build(cc, flags, target)
+            lib = ctypes.CDLL(str(target))
+            break
+        except (OSError, RuntimeError) as err:
+            errors.append(str(err))
+    else:
+        raise RuntimeError("; ".join(errors))
+    fn = lib.vppo_cpu_row_stats
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_int, ctypes.c_int]
+    fn.argtypes += [ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
+    lib.vppo_cpu_simd_width.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel builds and loads here (the first call builds it)."""
+    try:
+        library(_state["portable"])
+    except RuntimeError:
+        return False
+    return True
+
+
+def simd_width() -> int:
+    """Floats per vector of the loaded kernel: 16 (AVX-512) or 1 (the portable loops)."""
+    return int(library(_state["portable"]).vppo_cpu_simd_width())
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+
+@torch.library.custom_op("vppo_core::cpu_row_stats", mutates_args=())
+def row_stats(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
+    """``[rows, 7]`` float64 row maxima and sums (see ``_cpu_kernel.c``) of ``[rows, vocab]`` CPU logits
+    with unit stride along the vocabulary (any row stride); ``y`` is ignored for the entropy (mode 2)."""
+    out = torch.empty((x.shape[0], NCOL), dtype=torch.float64)
+    if x.shape[0] == 0:
+        return out
+    library(_state["portable"]).vppo_cpu_row_stats(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x.stride(0),
+        y.stride(0),
+        DTYPES[x.dtype],
+        mode,
+        LOG2E * inv_t,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+@row_stats.register_fake
+def _(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
+    return x.new_empty((x.shape[0], NCOL), dtype=torch.float64)
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _stats(op: str, inputs: tuple[Tensor, ...], temperature: float) -> Tensor:
+    """``[batch, seq, 7]`` kernel output for ``[batch, seq, vocab]`` inputs (row views, no copy)."""
+    lead = inputs[0].shape[:-1]
+    parts = []
+    for rows in _compile._row_views(*(_unit_stride(t) for t in inputs)):
+        parts.append(row_stats(rows[0], rows[-1], MODES[op], 1.0 / temperature))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.view(*lead, NCOL)
+
+
+def _inv_t(temperature: float) -> Tensor:
+    return torch.tensor(1.0 / temperature, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+
+def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``), as `._compile.forward`."""
+    s, inv_t = _stats(divergence, (x, y), temperature).unbind(-1), _inv_t(temperature)
+    if divergence == "hellinger":
+        lse = _compile.finish_hellinger(s[0], s[1], s[2], s[3], s[4], inv_t)
+        return _compile.finish_divergence(x, y, inv_t, "hellinger", lse, torch.float32)
+    lse_x, lse_y, a_x = _compile.finish_lse(s[0], s[1], s[2], s[3], s[4], inv_t)
+    if divergence == "kl":
+        return _compile.finish_divergence(x, y, inv_t, "kl", (lse_x, lse_y, a_x), torch.float32)
+    partial = _compile.jsd_partial if torch.compiler.is_compiling() or _compile.usable() else _torch.jsd_partial_chunked
+    v = x.shape[-1]
+    a_x, a_y = partial(x.reshape(-1, v), y.reshape(-1, v), lse_x.reshape(-1), lse_y.reshape(-1), 1.0 / temperature)
+    a_x, a_y = a_x.double().view(lse_x.shape), a_y.double().view(lse_x.shape)
+    value = (0.5 * (a_x + a_y)).clamp_min(0.0).float()
+    return value, torch.stack([lse_x, lse_y, a_x, a_y], -1)
+
+
+def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (entropy ``[batch, seq]``, stats ``[batch, seq, 2]``)."""
+    s = _stats("entropy", (x,), temperature).unbind(-1)
+    return _compile.finish_entropy(s[0], s[1], s[2], _inv_t(temperature), torch.float32)
+
+
+def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
+    s = _stats("joint", (x, y), temperature).unbind(-1)
+    return _compile.finish_joint(s, _inv_t(temperature), torch.float32)
+
+
+def _backward_module() -> object:
+    return _compile if torch.compiler.is_compiling() or _compile.usable() else _torch
+
+
+def backward(
+    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y``: `._compile.backward` (`._torch.backward` without torch.compile)."""
+    return _backward_module().backward(grad, x, y, stats, temperature, divergence)  # type: ignore[attr-defined]
+
+
+def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
+    return _backward_module().entropy_backward(grad, x, stats, temperature)  # type: ignore[attr-defined]
+
+
+def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    return _backward_module().joint_backward(grad, x, y, stats, temperature)  # type: ignore[attr-defined]

@@ -1,0 +1,361 @@
+/* Row statistics of [rows, vocab] logits in one read, for the "cpu" backend (see _cpu.py).
+ *
+ * Built at first use by the system C compiler (-O3 -march=native); loaded with ctypes. Each thread
+ * takes a contiguous range of rows. A row is read in blocks of BLOCK entries: bf16/fp16 blocks are
+ * widened into an L1-resident float32 buffer (fp32 rows are read in place) while the block maxima are
+ * taken, then one pass computes the block's float32 sums, which are merged into the row's float64
+ * sums with the log-sum-exp rescaling. The next block is prefetched during the current one's
+ * arithmetic, so the memory stream and the exponentials overlap.
+ *
+ * With c = log2(e) / T, a block maximum m and e_j = 2^{c (x_j - m)}, the sums are
+ *   s = sum e_j,  h = sum e_j (x_j - m),  d = sum_{x_j > -inf} e_j (x_j - y_j),  b = sum sqrt(e^x_j e^y_j),
+ * and per row the output is (double, 7 columns; the unused ones are 0):
+ *   mode 0, KL:        M_x, S_x, D,   M_y, S_y
+ *   mode 1, Hellinger: M_x, S_x, M_y, S_y, B      (B at the shift (M_x + M_y) / 2)
+ *   mode 2, entropy:   M_x, S_x, H_x              (y is not read)
+ *   mode 3, joint:     M_x, S_x, D,   M_y, S_y, H_x, H_y
+ * A NaN entry makes the row's sums NaN. An all -inf row gives M = -inf and S = 0.
+ *
+ * Two implementations of the block pass: AVX-512 intrinsics (2^t from a 16-entry table of 2^{j/16}
+ * and a cubic, relative error < 4e-8), and a portable one (round-to-nearest and a degree-6
+ * polynomial, relative error < 1e-8 before float rounding) that the compiler vectorises for the
+ * target it has; VPPO_PORTABLE forces the latter.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(VPPO_PORTABLE)
+#include <immintrin.h>
+#define VPPO_AVX512 1
+#else
+#define VPPO_AVX512 0
+#endif
+
+#define BLOCK 2048
+#define NCOL 7
+
+enum { MODE_KL = 0, MODE_HELLINGER = 1, MODE_ENTROPY = 2, MODE_JOINT = 3 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* Block sums, float32. */
+typedef struct {
+    float sx, d, hx, sy, hy, b;
+} sums_t;
+
+int vppo_cpu_simd_width(void) { return VPPO_AVX512 ? 16 : 1; }
+
+/* ---------------------------------------------------------------------------------------- portable */
+#if !VPPO_AVX512
+
+/* 2^t for t <= 0 (NaN stays NaN; t < -126 and -inf give 0). */
+static inline float exp2_neg(float t) {
+    float tc = t < -200.0f ? -200.0f : t; /* keeps NaN */
+    float r = tc + 12582912.0f;           /* 1.5 * 2^23: rounds tc to an integer in the low mantissa bits */
+    int32_t ri;
+    memcpy(&ri, &r, 4);
+    float f = tc - (r - 12582912.0f);
+    float p = 1.4990877805142751e-4f;
+    p = p * f + 1.3393085696855318e-3f;
+    p = p * f + 9.61967356616383e-3f;
+    p = p * f + 5.550347346343762e-2f;
+    p = p * f + 2.4022637389912865e-1f;
+    p = p * f + 6.931471961626714e-1f;
+    p = p * f + 1.0000000016029804f;
+    int32_t e = ri - (0x4B400000 - 127); /* the biased exponent of 2^round(tc) */
+    e = e < 1 ? 0 : e;                    /* below 2^-126: 0 */
+    int32_t bits = e << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return p * s;
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+    if (exp == 0x1F) {
+        u = sign | 0x7F800000u | (man << 13); /* inf, NaN */
+    } else if (exp == 0) {                    /* zero, subnormal */
+        float v = ldexpf((float)man, -24);
+        return sign ? -v : v;
+    } else {
+        u = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float widen(const void *src, int dtype, int64_t i) {
+    if (dtype == DT_F32) return ((const float *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    if (dtype == DT_F16) return half_to_float(h);
+    uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* Widen n entries into dst (fp32 rows are read in place) and return their maximum (NaN if any). */
+static float load_portable(const void *src, int dtype, int64_t n, float *dst, const float **out) {
+    float m = -INFINITY;
+    int nan = 0;
+    if (dtype == DT_F32) {
+        const float *s = (const float *)src;
+        for (int64_t i = 0; i < n; i++) {
+            m = s[i] > m ? s[i] : m;
+            nan |= s[i] != s[i];
+        }
+        *out = s;
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float v = widen(src, dtype, i);
+            dst[i] = v;
+            m = v > m ? v : m;
+            nan |= v != v;
+        }
+        *out = dst;
+    }
+    return nan ? NAN : m;
+}
+
+static inline sums_t block_portable(const float *x, const float *y, int64_t n, float mx, float my, float c,
+                                    int mode) {
+    /* (x - m) c, not x c - m c: a rounded m c would shift each block by a different error */
+    float sx_ = mx == -INFINITY ? 0.0f : mx, sy_ = my == -INFINITY ? 0.0f : my;
+    float sx = 0, d = 0, hx = 0, sy = 0, hy = 0, b = 0;
+    if (mode == MODE_ENTROPY) {
+#pragma omp simd reduction(+ : sx, hx)
+        for (int64_t i = 0; i < n; i++) {
+            float t = (x[i] - sx_) * c, e = exp2_neg(t);
+            sx += e;
+            hx += e > 0.0f ? e * t : 0.0f;
+        }
+    } else {
+#pragma omp simd reduction(+ : sx, d, hx, sy, hy, b)
+        for (int64_t i = 0; i < n; i++) {
+            float tx = (x[i] - sx_) * c, ty = (y[i] - sy_) * c;
+            float ex = exp2_neg(tx), ey = exp2_neg(ty);
+            sx += ex;
+            sy += ey;
+            if (mode == MODE_HELLINGER) {
+                b += sqrtf(ex * ey);
+            } else {
+                d += x[i] != -INFINITY ? ex * (x[i] - y[i]) : 0.0f;
+                if (mode == MODE_JOINT) {
+                    hx += ex > 0.0f ? ex * tx : 0.0f;
+                    hy += ey > 0.0f ? ey * ty : 0.0f;
+                }
+            }
+        }
+    }
+    sums_t r = {sx, d, hx / c, sy, hy / c, b};
+    return r;
+}
+
+#endif
+
+/* ------------------------------------------------------------------------------------------ AVX-512 */
+#if VPPO_AVX512
+static const int32_t EXP2_16THS[16] = {
+    0x3f800000, 0x3f85aac3, 0x3f8b95c2, 0x3f91c3d3, 0x3f9837f0, 0x3f9ef532, 0x3fa5fed7, 0x3fad583f,
+    0x3fb504f3, 0x3fbd08a4, 0x3fc5672a, 0x3fce248c, 0x3fd744fd, 0x3fe0ccdf, 0x3feac0c7, 0x3ff5257d,
+};
+
+/* 2^t for t <= 0, and the mask of t >= -126 (true for NaN): the table 2^{j/16} times a cubic on
+ * [-1/32, 1/32], with the exponent added to the table entry's bits. Outside the mask the result is 0. */
+static inline __m512 exp2_v(__m512 t, __m512i table, __mmask16 *live) {
+    __m512 r = _mm512_add_ps(t, _mm512_set1_ps(786432.0f)); /* 1.5 * 2^19: round to a multiple of 1/16 */
+    __m512 f = _mm512_reduce_ps(t, (4 << 4) | _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* t - that */
+    __m512i k = _mm512_castps_si512(r); /* low bits: 16 t rounded (two's complement) */
+    __m512i scale = _mm512_add_epi32(_mm512_permutexvar_epi32(k, table),
+                                     _mm512_and_si512(_mm512_slli_epi32(k, 19), _mm512_set1_epi32(-8388608)));
+    __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.055358467750832585f), _mm512_set1_ps(0.2402348232317483f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931472692489311f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999999991581676f));
+    *live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+    return _mm512_maskz_mul_ps(*live, p, _mm512_castsi512_ps(scale));
+}
+
+/* Widen n entries into dst (fp32 rows are read in place) and return their maximum. A NaN entry may or
+ * may not show in the maximum; either way it makes the block's sums NaN (2^NaN = NaN), hence the row's. */
+static float load_avx512(const void *src, int dtype, int64_t n, float *dst, const float **out) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 v;
+        if (dtype == DT_F32) {
+            v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, (const float *)src + i);
+        } else {
+            __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)src + i);
+            v = dtype == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                 : _mm512_cvtph_ps(h);
+            _mm512_store_ps(dst + i, v);
+        }
+        m = _mm512_max_ps(m, v);
+    }
+    *out = dtype == DT_F32 ? (const float *)src : dst;
+    return _mm512_reduce_max_ps(m);
+}
+
+static inline sums_t block_avx512(const float *x, const float *y, int64_t n, float mx, float my, float c, int mode,
+                                  const char *pfx, const char *pfy, int64_t pf_step) {
+    const __m512i table = _mm512_loadu_si512(EXP2_16THS);
+    const __m512 vc = _mm512_set1_ps(c), ninf = _mm512_set1_ps(-INFINITY);
+    /* (x - m) c, not x c - m c: a rounded m c would shift each block by a different error */
+    const __m512 vmx = _mm512_set1_ps(mx == -INFINITY ? 0.0f : mx), vmy = _mm512_set1_ps(my == -INFINITY ? 0.0f : my);
+    __m512 sx = _mm512_setzero_ps(), d = sx, hx = sx, sy = sx, hy = sx, b = sx;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm_prefetch(pfx + i * pf_step, _MM_HINT_T0);
+        __mmask16 lx, ly;
+        __m512 xv = _mm512_mask_loadu_ps(ninf, k, x + i);
+        __m512 tx = _mm512_mul_ps(_mm512_sub_ps(xv, vmx), vc);
+        __m512 ex = exp2_v(tx, table, &lx);
+        sx = _mm512_add_ps(sx, ex);
+        if (mode == MODE_ENTROPY) {
+            hx = _mm512_mask3_fmadd_ps(ex, tx, hx, lx);
+            continue;
+        }
+        _mm_prefetch(pfy + i * pf_step, _MM_HINT_T0);
+        __m512 yv = _mm512_mask_loadu_ps(ninf, k, y + i);
+        __m512 ty = _mm512_mul_ps(_mm512_sub_ps(yv, vmy), vc);
+        __m512 ey = exp2_v(ty, table, &ly);
+        sy = _mm512_add_ps(sy, ey);
+        if (mode == MODE_HELLINGER) {
+            b = _mm512_add_ps(b, _mm512_sqrt_ps(_mm512_mul_ps(ex, ey)));
+            continue;
+        }
+        __mmask16 finite_x = _mm512_cmp_ps_mask(xv, ninf, _CMP_NEQ_UQ);
+        d = _mm512_mask3_fmadd_ps(ex, _mm512_sub_ps(xv, yv), d, finite_x);
+        if (mode == MODE_JOINT) {
+            hx = _mm512_mask3_fmadd_ps(ex, tx, hx, lx);
+            hy = _mm512_mask3_fmadd_ps(ey, ty, hy, ly);
+        }
+    }
+    sums_t r = {_mm512_reduce_add_ps(sx), _mm512_reduce_add_ps(d), _mm512_reduce_add_ps(hx) / c,
+                _mm512_reduce_add_ps(sy), _mm512_reduce_add_ps(hy) / c, _mm512_reduce_add_ps(b)};
+    return r;
+}
+#endif
+
+/* ------------------------------------------------------------------------------------- row merging */
+
+/* 2^{c (from - to)}, the weight that moves sums at shift `from` to shift `to` >= from; 0 if from = -inf. */
+static inline double weight(double from, double to, double c) { return from == -INFINITY ? 0.0 : exp2(c * (from - to)); }
+
+typedef struct {
+    double m, s, h; /* running maximum, sum and entropy sum of one input */
+} side_t;
+
+/* Merge a block (maximum mb, sums sb, hb) into a running side; returns the weights (old, block). */
+static inline void merge_side(side_t *r, float mb, float sb, float hb, double c, double *w_old, double *w_blk) {
+    double m = r->m, mn;
+    if (mb != mb || m != m) { /* NaN block maximum: the row is NaN */
+        r->m = NAN, r->s = NAN, r->h = NAN, *w_old = NAN, *w_blk = NAN;
+        return;
+    }
+    mn = (double)mb > m ? (double)mb : m;
+    *w_old = weight(m, mn, c), *w_blk = weight(mb, mn, c);
+    double h = (*w_old > 0 ? *w_old * (r->h + (m - mn) * r->s) : 0.0) +
+               (*w_blk > 0 ? *w_blk * ((double)hb + ((double)mb - mn) * (double)sb) : 0.0);
+    r->s = *w_old * r->s + *w_blk * (double)sb;
+    r->h = h, r->m = mn;
+}
+
+typedef struct {
+    const char *x, *y;
+    int64_t row0, row1, vocab, stride_x, stride_y;
+    int dtype, mode;
+    double c;
+    double *out;
+} job_t;
+
+static void *run_rows(void *arg) {
+    const job_t *j = (const job_t *)arg;
+    const int64_t es = j->dtype == DT_F32 ? 4 : 2;
+    const float c = (float)j->c;
+    float bx[BLOCK] __attribute__((aligned(64))), by[BLOCK] __attribute__((aligned(64)));
+    for (int64_t row = j->row0; row < j->row1; row++) {
+        const char *xr = j->x + row * j->stride_x * es, *yr = j->y + row * j->stride_y * es;
+        side_t sx = {-INFINITY, 0, 0}, sy = {-INFINITY, 0, 0};
+        double d = 0, b = 0;
+        for (int64_t b0 = 0; b0 < j->vocab; b0 += BLOCK) {
+            int64_t n = j->vocab - b0 < BLOCK ? j->vocab - b0 : BLOCK;
+            const float *x, *y = NULL;
+            float mx, my = -INFINITY;
+            sums_t s;
+#if VPPO_AVX512
+            mx = load_avx512(xr + b0 * es, j->dtype, n, bx, &x);
+            if (j->mode != MODE_ENTROPY) my = load_avx512(yr + b0 * es, j->dtype, n, by, &y);
+            /* prefetch the next block: one cache line of each input per 16 entries of this one */
+            const char *px = xr + (b0 + BLOCK) * es, *py = yr + (b0 + BLOCK) * es;
+            switch (j->mode) {
+            case MODE_KL: s = block_avx512(x, y, n, mx, my, c, MODE_KL, px, py, es); break;
+            case MODE_HELLINGER: s = block_avx512(x, y, n, mx, my, c, MODE_HELLINGER, px, py, es); break;
+            case MODE_ENTROPY: s = block_avx512(x, x, n, mx, mx, c, MODE_ENTROPY, px, px, es); break;
+            default: s = block_avx512(x, y, n, mx, my, c, MODE_JOINT, px, py, es); break;
+            }
+#else
+            mx = load_portable(xr + b0 * es, j->dtype, n, bx, &x);
+            if (j->mode != MODE_ENTROPY) my = load_portable(yr + b0 * es, j->dtype, n, by, &y);
+            __builtin_prefetch(xr + (b0 + BLOCK) * es);
+            switch (j->mode) {
+            case MODE_KL: s = block_portable(x, y, n, mx, my, c, MODE_KL); break;
+            case MODE_HELLINGER: s = block_portable(x, y, n, mx, my, c, MODE_HELLINGER); break;
+            case MODE_ENTROPY: s = block_portable(x, x, n, mx, mx, c, MODE_ENTROPY); break;
+            default: s = block_portable(x, y, n, mx, my, c, MODE_JOINT); break;
+            }
+#endif
+            double mx_old = sx.m, my_old = sy.m, wxo, wxb, wyo = 0, wyb = 0;
+            merge_side(&sx, mx, s.sx, s.hx, j->c, &wxo, &wxb);
+            d = wxo * d + (wxb > 0 ? wxb * (double)s.d : 0.0);
+            if (j->mode != MODE_ENTROPY) merge_side(&sy, my, s.sy, s.hy, j->c, &wyo, &wyb);
+            if (j->mode == MODE_HELLINGER) {
+                /* B is kept at the shift (M_x + M_y) / 2: each part moves by half of each maximum's move */
+                double wo = mx_old == -INFINITY || my_old == -INFINITY ? 0.0 : sqrt(wxo * wyo);
+                double wb = mx == -INFINITY || my == -INFINITY ? 0.0 : sqrt(wxb * wyb);
+                b = (wo > 0 ? wo * b : 0.0) + (wb > 0 ? wb * (double)s.b : 0.0);
+                if (mx != mx || my != my) b = NAN;
+            }
+        }
+        double *o = j->out + row * NCOL;
+        memset(o, 0, NCOL * sizeof(double));
+        o[0] = sx.m, o[1] = sx.s;
+        if (j->mode == MODE_KL || j->mode == MODE_JOINT) o[2] = d, o[3] = sy.m, o[4] = sy.s;
+        if (j->mode == MODE_HELLINGER) o[2] = sy.m, o[3] = sy.s, o[4] = b;
+        if (j->mode == MODE_ENTROPY) o[2] = sx.h;
+        if (j->mode == MODE_JOINT) o[5] = sx.h, o[6] = sy.h;
+    }
+    return NULL;
+}
+
+/* Fill out[rows, 7] (float64) for the rows of x (and y), row i at x + i * stride_x elements. */
+int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab, int64_t stride_x, int64_t stride_y,
+                       int dtype, int mode, double c, double *out, int threads) {
+    enum { MAX_THREADS = 256 };
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
+    job_t jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started = 0, rc = 0;
+    for (int t = 0; t < threads; t++) {
+        job_t j = {(const char *)x, (const char *)y, rows * t / threads, rows * (t + 1) / threads, vocab,
+                   stride_x, stride_y, dtype, mode, c, out};
+        jobs[t] = j;
+    }
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run_rows, &jobs[t]) != 0) {
+            rc = 1;
+            break;
+        }
+        started = t;
+    }
+    run_rows(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    if (rc) /* a thread could not start: do its rows here */
+        for (int t = started + 1; t < threads; t++) run_rows(&jobs[t]);
+    return 0;
+}

@@ -1,0 +1,196 @@
+"""The ``"cpu"`` backend (a C kernel built at first use) against float64 oracles, in both of its builds.
+
+Same criterion as ``test_kernels.py``: ``err(cpu) <= err(naive in the same dtype) + TOL``. Every
+forward test runs twice: the AVX-512 build (on a machine that has it; the portable loops elsewhere)
+and the portable build (``-DVPPO_PORTABLE``), so both implementations of the block pass are checked
+on any machine. The backward is `._compile`'s (or `._torch`'s), tested here through the op.
+"""
+
+import math
+
+import pytest
+import torch
+
+import vppo_core.kernels as K
+from vppo_core import token_entropy, visual_dependency, visual_dependency_and_entropies, visual_dependency_from_hidden
+from vppo_core.kernels import _compile, _cpu
+
+from . import test_joint as J
+from . import test_kernels as T
+from . import test_kernels_entropy as E
+from .helpers import random_mask
+
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason="no C compiler: the cpu backend cannot be built")
+
+SHAPES = [(3, 7, 5000), (5, 13), (2, 1, 3)]  # > 2 blocks of 2048 and a tail not a multiple of 16; < 16; tiny
+
+
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    monkeypatch.setitem(_cpu._state, "portable", request.param == "portable")
+    if request.param == "portable":
+        assert _cpu.simd_width() == 1
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "hellinger"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_oracle(build, dtype, divergence, shape):
+    x, y = T.logits(shape, dtype)
+    T.check_forward("cpu", x, y, divergence, temperature=0.7)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "hellinger", "jsd"])
+def test_special_values_across_blocks(build, divergence):
+    x, y = T.logits((2, 3, 5000), torch.float32)
+    x[0, 0, :2100] = -math.inf  # -inf in p only, a whole block and more
+    x[0, 1, :100] = -math.inf  # -inf in both
+    y[0, 1, :100] = -math.inf
+    y[0, 2, 4000:4200] = -math.inf  # finite p, zero q (across a block boundary): KL +inf
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 0] = False
+    x[1, 0] = float("nan")  # garbage under the mask
+    got = T.check_forward("cpu", x, y, divergence, temperature=0.7, mask=mask)
+    assert got[1, 0] == 0.0
+    if divergence == "kl":
+        assert got[0, 2] == math.inf
+    x2, y2 = x.clone(), y.clone()
+    x2[1, 1, 4999] = float("nan")  # NaN in the tail of a counted row
+    x2[1, 2] = -math.inf  # no distribution p
+    out = visual_dependency(x2, y2, divergence=divergence, backend="cpu")
+    assert out[1, 1].isnan() and out[1, 2].isnan()
+    # identical inputs give exactly 0
+    assert torch.equal(visual_dependency(y[1:], y[1:], divergence=divergence, backend="cpu"), torch.zeros(1, 3))
+
+
+def test_same_as_the_compile_backend_on_special_rows(build):
+    """Row by row the same non-finite pattern as the other backends (``test_kernels.py``'s odd-vocab case)."""
+    x, y = T.logits((5, 1271), torch.float32)
+    x[1, :10] = -math.inf
+    y[2, 5] = -math.inf
+    x[3, 7] = float("nan")
+    x[4] = -math.inf
+    for divergence in ("kl", "hellinger"):
+        got = visual_dependency(x, y, divergence=divergence, backend="cpu")
+        ref = visual_dependency(x, y, divergence=divergence, backend="torch")
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_entropy(build):
+    for dtype in (torch.float32, torch.bfloat16):
+        E.check("cpu", E.logits((3, 7, 5000), dtype), temperature=0.7)
+    E.check("cpu", E.logits((3, 7, 5000), torch.float32, scale=5.0, offset=1e4))  # large logits: shifted
+    x, mask = E.special_rows(5000)
+    E.check_special(token_entropy(x, mask, backend="cpu"), x)
+
+
+def test_joint(build):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        J.check("cpu", J.logits((3, 7, 5000), dtype), J.logits((3, 7, 5000), dtype), temperature=0.7)
+    x, y, mask = J.special_rows(5000)
+    J.check_special(J.check("cpu", x, y, mask=mask))
+
+
+def test_strided_rows_and_layouts_read_in_place(build):
+    full_x, full_y = T.logits((3, 12, 2500), torch.float32)
+    sx, sy = full_x[:, 3:-1], full_y[:, 3:-1]  # [batch, seq] strides that do not flatten
+    assert not sx.is_contiguous()
+    T.check_forward("cpu", sx, sy, "kl")
+    tx, ty = full_x.transpose(0, 1), full_y.transpose(0, 1)  # batch-major rows
+    torch.testing.assert_close(
+        visual_dependency(tx, ty, backend="cpu"), visual_dependency(tx.contiguous(), ty.contiguous(), backend="cpu")
+    )
+    vx = full_x[..., ::2]  # a vocabulary stride: copied to unit stride first
+    T.check_forward("cpu", vx, full_y[..., ::2], "kl")
+
+
+def test_threads_do_not_change_the_result():
+    x, y = T.logits((4, 9, 3000), torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = visual_dependency_and_entropies(x, y, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = visual_dependency_and_entropies(x, y, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_backward_without_torch_compile_matches_oracle(monkeypatch):
+    """With torch.compile unusable the backward is the torch backend's: gradients within naive's error."""
+    monkeypatch.setattr(_compile, "usable", lambda: False)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = T.logits((3, 4, 3001), dtype, scale=2.0)
+        for divergence in ("kl", "jsd", "hellinger"):
+            mask = random_mask(3, 4)
+            err, err_naive = T.grad_errors("cpu", x, y, mask, torch.randn(3, 4), divergence=divergence)
+            assert err <= err_naive + T.GRAD_TOL[dtype], (divergence, err, err_naive)
+    x = E.logits((3, 4, 3001), torch.float32)
+    err, err_naive = E.grad_errors("cpu", x, random_mask(3, 4), torch.randn(3, 4))
+    assert err <= err_naive + T.GRAD_TOL[torch.float32]
+
+
+@pytest.mark.slow
+def test_backward_with_the_compiled_pass():
+    x, y = T.logits((3, 4, 9001), torch.float32, scale=2.0)
+    err, err_naive = T.grad_errors("cpu", x, y, random_mask(3, 4), torch.randn(3, 4))
+    assert err <= err_naive + T.GRAD_TOL[torch.float32], (err, err_naive)
+
+
+@pytest.mark.slow
+def test_inside_user_torch_compile_fullgraph():
+    """The kernel is a custom op: a user's compiled step with backend='cpu' is one graph and matches eager."""
+    x, y = T.logits((3, 4, 600), torch.float32)
+    x.requires_grad_(), y.requires_grad_()
+    mask, upstream = random_mask(3, 4), torch.randn(3, 4)
+    loss, dep = torch.compile(T.user_step, fullgraph=True)(x, y, mask, upstream, "cpu")
+    grads = torch.autograd.grad(loss, (x, y))
+    loss_e, dep_e = T.user_step(x, y, mask, upstream, "torch")
+    grads_e = torch.autograd.grad(loss_e, (x, y))
+    torch.testing.assert_close(dep, dep_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_from_hidden(monkeypatch):
+    monkeypatch.setattr(_compile, "usable", lambda: False)
+    hx, hy, w = torch.randn(37, 16), torch.randn(37, 16), torch.randn(3001, 16) * 0.5
+    for divergence in ("kl", "jsd"):
+        got = visual_dependency_from_hidden(hx, hy, w, divergence=divergence, backend="cpu", vocab_chunk_size=1024)
+        ref = visual_dependency(hx @ w.T, hy @ w.T, divergence=divergence, backend="torch")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_name_the_backend():
+    with pytest.raises(ValueError, match=r"backend='cpu' takes float32, bfloat16 or float16 logits, got torch.float64"):
+        visual_dependency(torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64), backend="cpu")
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors, got a tensor on meta"):
+        K.resolve_backend("cpu", torch.empty(2, 5, device="meta"))
+
+
+def test_build_is_cached_per_machine_and_a_missing_compiler_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("VPPO_CORE_CACHE_DIR", str(tmp_path))
+    _cpu.library.cache_clear()
+    _cpu.available.cache_clear()
+    try:
+        assert _cpu.available()
+        built = list(tmp_path.glob("cpu_kernel_*.so"))
+        assert len(built) == 1
+        x, y = T.logits((2, 3, 700), torch.float32)
+        T.check_forward("cpu", x, y)
+        _cpu.library.cache_clear()
+        _cpu.available.cache_clear()
+        monkeypatch.setattr(_cpu, "compiler", lambda: None)
+        assert not _cpu.available()
+        with pytest.raises(ValueError, match="backend='cpu' needs a C compiler"):
+            visual_dependency(x, y, backend="cpu")
+        big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4)
+        assert K.resolve_backend("auto", big) == ("compile" if _compile.usable() else "torch")
+    finally:
+        monkeypatch.undo()
+        _cpu.library.cache_clear()
+        _cpu.available.cache_clear()
