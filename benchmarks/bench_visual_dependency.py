@@ -6,9 +6,10 @@ Run ``python benchmarks/run.py`` (it writes ``benchmarks/RESULTS.md``) or
 Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
 
 - ``naive``: ``log_softmax`` of both inputs, then ``kl_div``, in the input dtype (what a user writes);
-- ``torch``, ``compile``, ``triton``: ``visual_dependency(..., backend=...)`` (``auto`` is ``compile``
-  on the CPU at these sizes and ``triton`` on CUDA);
-- ``compile+bwd``, ``triton+bwd``: forward and backward w.r.t. both inputs (KL as a loss);
+- ``torch``, ``compile``, ``cpu``, ``triton``: ``visual_dependency(..., backend=...)`` (``auto`` is
+  ``cpu`` on the CPU at these sizes when a C compiler is found, else ``compile``, and ``triton`` on
+  CUDA; each row records what ``auto`` resolved to);
+- ``compile+bwd``, ``cpu+bwd``, ``triton+bwd``: forward and backward w.r.t. both inputs (KL as a loss);
 - ``liger`` (CUDA, if installed): ``log_softmax`` of both, then Liger-Kernel's ``LigerKLDIVLoss``;
 - ``exp-floor``: a reference, not a provider: a compiled ``sum(exp2(x)) + sum(exp2(y))``, the least
   arithmetic any exact method does (two exponentials per vocabulary entry).
@@ -16,12 +17,13 @@ Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
 The squared Hellinger distance and the token entropy run on the same kernels (``test_other``, groups
 ``hellinger ...`` and ``entropy ...``, ``VPPO_BENCH_OTHER_TOKENS``, default ``2048``): ``naive`` is
 ``softmax`` of both then ``1 - sum sqrt(p q)``, resp. ``log_softmax`` then ``-sum p log p``, in the
-input dtype; ``torch``, ``compile``, ``triton`` and ``+bwd`` call ``visual_dependency(...,
+input dtype; ``torch``, ``compile``, ``cpu``, ``triton`` and ``+bwd`` call ``visual_dependency(...,
 divergence="hellinger")`` resp. ``token_entropy``. The entropy reads one input, so its bytes are those
 of ``x`` alone. Group ``kl+entropies``: ``visual_dependency_and_entropies`` (``torch``, ``compile``,
-``triton``, ``+bwd``: the gradient of the sum of the three values) against ``separate`` (the same
-three values from ``visual_dependency`` and two ``token_entropy`` calls, compiled; ``separate-triton``
-on CUDA) and ``naive`` (``log_softmax`` of both, then the three sums).
+``cpu``, ``triton``, ``+bwd``: the gradient of the sum of the three values) against ``separate`` (the
+same three values from ``visual_dependency`` and two ``token_entropy`` calls, compiled;
+``separate-cpu`` with the cpu backend, ``separate-triton`` on CUDA) and ``naive`` (``log_softmax`` of
+both, then the three sums).
 
 Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]`` weight:
 ``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
@@ -118,13 +120,15 @@ PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
     "torch": lambda x, y: visual_dependency(x, y, backend="torch"),
     "compile": lambda x, y: visual_dependency(x, y, backend="compile"),
     "compile+bwd": _with_backward("compile"),
+    "cpu": lambda x, y: visual_dependency(x, y, backend="cpu"),
+    "cpu+bwd": _with_backward("cpu"),
     "triton": lambda x, y: visual_dependency(x, y, backend="triton"),
     "triton+bwd": _with_backward("triton"),
     "liger": lambda x, y: _liger()(x, y),
     "exp-floor": lambda x, y: _exp_floor()(x, y),
 }
 GPU_ONLY = {"triton", "triton+bwd", "liger"}
-CPU_ONLY: set[str] = set()
+CPU_ONLY = {"cpu", "cpu+bwd", "separate-cpu"}
 
 
 def extra_bytes_estimate(provider: str, tokens: int, dtype: torch.dtype) -> int:
@@ -206,15 +210,11 @@ def test_logits(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_
     need = extra_bytes_estimate(provider, tokens, dtype)
     if need > 0.85 * (available_bytes() + (2 * tokens * VOCAB * dtype.itemsize if (tokens, dtype) in _CACHE else 0)):
         pytest.skip(f"needs ~{need / GiB:.1f} GiB, more than this machine has available")
-    if provider in ("compile", "compile+bwd"):
-        assert kernels.resolve_backend("auto", torch.empty(tokens, VOCAB, dtype=dtype, device="meta")) in (
-            "compile",
-            "triton",
-        )
     x, y = inputs(tokens, dtype)
     fn = PROVIDERS[provider]
     benchmark.group = f"logits {tokens}x{VOCAB} {dtype_name}"
     benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider})
+    benchmark.extra_info["auto"] = kernels.resolve_backend("auto", x)  # the backend auto picks for these
     nbytes = 2 * x.numel() * x.element_size()
     _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
 
@@ -262,6 +262,8 @@ OTHER: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]] = {
                 ("torch", "torch", False),
                 ("compile", "compile", False),
                 ("compile+bwd", "compile", True),
+                ("cpu", "cpu", False),
+                ("cpu+bwd", "cpu", True),
                 ("triton", "triton", False),
                 ("triton+bwd", "triton", True),
             )
@@ -312,6 +314,9 @@ OTHER["kl+entropies"] = {
     "torch": _joint("torch"),
     "compile": _joint("compile"),
     "compile+bwd": _joint("compile", bwd=True),
+    "separate-cpu": _separate("cpu"),
+    "cpu": _joint("cpu"),
+    "cpu+bwd": _joint("cpu", bwd=True),
     "separate-triton": _separate("triton"),
     "separate-triton+bwd": _separate("triton", bwd=True),
     "triton": _joint("triton"),
@@ -325,7 +330,7 @@ OTHER_CASES = [
     for dname in DTYPES
     for quantity in OTHER
     for provider in OTHER[quantity]
-    if not (provider in GPU_ONLY and not CUDA)
+    if not (provider in GPU_ONLY and not CUDA) and not (provider in CPU_ONLY and CUDA)
 ]
 
 
