@@ -96,27 +96,34 @@ static inline float widen(const void *src, int dtype, int64_t i) {
     return v;
 }
 
-/* Widen n entries into dst (fp32 rows are read in place) and return their maximum (NaN if any). */
+/* Widen n entries into dst (fp32 rows are read in place) and return their maximum. A NaN entry may or
+ * may not show in the maximum; either way it makes the block's sums NaN (2^NaN = NaN), hence the row's. */
 static float load_portable(const void *src, int dtype, int64_t n, float *dst, const float **out) {
     float m = -INFINITY;
-    int nan = 0;
     if (dtype == DT_F32) {
         const float *s = (const float *)src;
-        for (int64_t i = 0; i < n; i++) {
-            m = s[i] > m ? s[i] : m;
-            nan |= s[i] != s[i];
-        }
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < n; i++) m = s[i] > m ? s[i] : m;
         *out = s;
-    } else {
+        return m;
+    }
+    if (dtype == DT_BF16) {
+        const uint16_t *h = (const uint16_t *)src;
+#pragma omp simd reduction(max : m)
         for (int64_t i = 0; i < n; i++) {
-            float v = widen(src, dtype, i);
+            uint32_t u = (uint32_t)h[i] << 16;
+            float v;
+            memcpy(&v, &u, 4);
             dst[i] = v;
             m = v > m ? v : m;
-            nan |= v != v;
         }
-        *out = dst;
+    } else {
+        for (int64_t i = 0; i < n; i++) dst[i] = widen(src, dtype, i);
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < n; i++) m = dst[i] > m ? dst[i] : m;
     }
-    return nan ? NAN : m;
+    *out = dst;
+    return m;
 }
 
 static inline sums_t block_portable(const float *x, const float *y, int64_t n, float mx, float my, float c,
@@ -313,7 +320,10 @@ static void *run_rows(void *arg) {
 #else
             mx = load_portable(xr + b0 * es, j->dtype, n, bx, &x);
             if (j->mode != MODE_ENTROPY) my = load_portable(yr + b0 * es, j->dtype, n, by, &y);
-            __builtin_prefetch(xr + (b0 + BLOCK) * es);
+            for (int64_t off = 0; off < BLOCK * es; off += 64) { /* the next block, before this one's arithmetic */
+                __builtin_prefetch(xr + (b0 + BLOCK) * es + off);
+                if (j->mode != MODE_ENTROPY) __builtin_prefetch(yr + (b0 + BLOCK) * es + off);
+            }
             switch (j->mode) {
             case MODE_KL: s = block_portable(x, y, n, mx, my, c, MODE_KL); break;
             case MODE_HELLINGER: s = block_portable(x, y, n, mx, my, c, MODE_HELLINGER); break;
