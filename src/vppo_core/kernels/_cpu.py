@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -207,7 +208,7 @@ def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Ten
     return _compile.finish_joint(s, _inv_t(temperature), torch.float32)
 
 
-def _backward_module() -> object:
+def _backward_module() -> ModuleType:
     return _compile if torch.compiler.is_compiling() or _compile.usable() else _torch
 
 
@@ -215,12 +216,12 @@ def backward(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``x`` and ``y``: `._compile.backward` (`._torch.backward` without torch.compile)."""
-    return _backward_module().backward(grad, x, y, stats, temperature, divergence)  # type: ignore[attr-defined]
+    return _backward_module().backward(grad, x, y, stats, temperature, divergence)
 
 
 def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
-    return _backward_module().entropy_backward(grad, x, stats, temperature)  # type: ignore[attr-defined]
+    return _backward_module().entropy_backward(grad, x, stats, temperature)
 
 
 def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    return _backward_module().joint_backward(grad, x, y, stats, temperature)  # type: ignore[attr-defined]
+    return _backward_module().joint_backward(grad, x, y, stats, temperature)
