@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _torch
+from . import _rows, _torch
 
 BLOCK = 4096
 LOG2E = 1.4426950408889634
@@ -97,70 +97,7 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
         sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
         d = (main[2] * wx).sum(-1) + tail[2] * wx_tail
         sy = (main[4] * wy).sum(-1) + tail[4] * wy_tail
-    return finish_lse(mx, sx, d, my, sy, inv_t)
-
-
-# ----------------------------------------------------------------------------- per-row finalisation (float64)
-# Shared with the "cpu" backend (`._cpu`), whose C kernel returns the same row maxima and sums.
-
-
-def finish_lse(
-    mx: Tensor, sx: Tensor, d: Tensor, my: Tensor, sy: Tensor, inv_t: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """float64 ``(lse_x, lse_y, sum_j p_j (x_j - y_j) / T)`` from the row maxima and sums (see `_block_stats`)."""
-    lse_x = mx.double() * inv_t + torch.log(sx.double())
-    lse_y = my.double() * inv_t + torch.log(sy.double())
-    return lse_x, lse_y, d.double() * inv_t / sx.double()
-
-
-def finish_hellinger(mx: Tensor, sx: Tensor, my: Tensor, sy: Tensor, b: Tensor, inv_t: Tensor) -> tuple[Tensor, ...]:
-    """float64 ``(lse_x, lse_y, lse((x + y)/2))`` from the row maxima, sums and Bhattacharyya sum ``b``."""
-    lse_x = mx.double() * inv_t + torch.log(sx.double())
-    lse_y = my.double() * inv_t + torch.log(sy.double())
-    lse_h = 0.5 * (mx.double() + my.double()) * inv_t + torch.log(b.double())
-    return lse_x, lse_y, lse_h
-
-
-def finish_entropy(m: Tensor, s: Tensor, d: Tensor, inv_t: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(entropy, float64 stats ``(lse, sum_j p_j x_j / T)``) from ``M, S, D = sum e^{(x - M)/T} (x - M)``."""
-    s64, mean_shift = s.double(), d.double() * inv_t / s.double()
-    value = torch.log(s64) - mean_shift
-    stats = torch.stack([m.double() * inv_t + torch.log(s64), m.double() * inv_t + mean_shift], -1)
-    return value.clamp_min(0.0).to(acc), stats
-
-
-def finish_joint(
-    sums: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], inv_t: Tensor, acc: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """(values ``(KL, H(p), H(q))``, float64 stats ``(lse_x, lse_y, a_x, b_x, b_y)``) from
-    ``(M_x, S_x, D, M_y, S_y, H_x, H_y)``."""
-    mx, sx, d, my, sy, hx, hy = sums
-    sx64, sy64 = sx.double(), sy.double()
-    mx64, my64 = mx.double() * inv_t, my.double() * inv_t
-    lse_x, lse_y = mx64 + torch.log(sx64), my64 + torch.log(sy64)
-    a_x = d.double() * inv_t / sx64
-    mean_x, mean_y = hx.double() * inv_t / sx64, hy.double() * inv_t / sy64
-    values = torch.stack([a_x - (lse_x - lse_y), torch.log(sx64) - mean_x, torch.log(sy64) - mean_y], -1)
-    stats = torch.stack([lse_x, lse_y, a_x, mx64 + mean_x, my64 + mean_y], -1)
-    return values.clamp_min(0.0).to(acc), stats
-
-
-def finish_divergence(
-    x: Tensor, y: Tensor, inv_t: Tensor, divergence: str, lse: tuple[Tensor, Tensor, Tensor], acc: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """(value, float64 stats ``[rows, 4]``) of ``divergence`` from `finish_lse` (KL, JSD) or
-    `finish_hellinger`'s output; the JSD takes a second pass over ``x`` and ``y``."""
-    if divergence == "hellinger":
-        stats = torch.stack([*lse, torch.zeros_like(lse[2])], -1)
-        return _torch.hellinger_value(stats).clamp_min(0.0).to(acc), stats
-    lse_x, lse_y, a_x = lse
-    if divergence == "kl":
-        value = a_x - (lse_x - lse_y)
-        return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
-    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse_x, lse_y, inv_t.to(acc))
-    a_x, a_y = a_x.double(), a_y.double()
-    value = 0.5 * (a_x + a_y)
-    return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, a_y], -1)
+    return _rows.finish_lse(mx, sx, d, my, sy, inv_t)
 
 
 def _hellinger_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -192,7 +129,7 @@ def _hellinger_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tenso
         sy = (main[3] * wy).sum(-1) + tail[3] * wy_tail
         # the shift of b moves by the mean of the two maxima's moves (exactly dx for identical inputs)
         b = (main[4] * torch.exp2(0.5 * (dx + dy) * c)).sum(-1) + tail[4] * torch.exp2(0.5 * (dx_tail + dy_tail) * c)
-    return finish_hellinger(mx, sx, my, sy, b, inv_t)
+    return _rows.finish_hellinger(mx, sx, my, sy, b, inv_t)
 
 
 def _entropy_block_stats(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -222,7 +159,7 @@ def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
         m, shift, shift_tail, w, w_tail = _merge(main[0], tail[0], c)
         s = (main[1] * w).sum(-1) + tail[1] * w_tail
         d = ((main[2] + shift * main[1]) * w).sum(-1) + (tail[2] + shift_tail * tail[1]) * w_tail
-    return finish_entropy(m, s, d, inv_t, acc)
+    return _rows.finish_entropy(m, s, d, inv_t, acc)
 
 
 def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
@@ -261,7 +198,7 @@ def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Ten
         sy = (main[4] * wy).sum(-1) + tail[4] * wy_t
         hx = ((main[5] + shx * main[1]) * wx).sum(-1) + (tail[5] + shx_t * tail[1]) * wx_t
         hy = ((main[6] + shy * main[4]) * wy).sum(-1) + (tail[6] + shy_t * tail[4]) * wy_t
-    return finish_joint((mx, sx, d, my, sy, hx, hy), inv_t, acc)
+    return _rows.finish_joint((mx, sx, d, my, sy, hx, hy), inv_t, acc)
 
 
 def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,7 +212,7 @@ def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") ->
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     lse = _hellinger_stats(x, y, inv_t) if divergence == "hellinger" else _lse_stats(x, y, inv_t)
-    return finish_divergence(x, y, inv_t, divergence, lse, acc)
+    return _rows.finish_divergence(x, y, inv_t, divergence, lse, acc)
 
 
 def backward_core(
@@ -409,22 +346,6 @@ def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float
     return _compiled_jsd_partial(x.dtype)(x.detach(), y.detach(), lse_x, lse_y, _scalar(inv_t, x))
 
 
-def _rows_flatten(t: Tensor) -> bool:
-    """Whether ``[B, S, V]`` views as ``[B*S, V]`` without a copy."""
-    return t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
-
-
-def _row_views(*ts: Tensor) -> list[tuple[Tensor, ...]]:
-    """``[B, S, V]`` tensors -> 2-D row views covering them in order: one each if all flatten, else per batch.
-
-    The views are detached last, which drops their ``_base``: Dynamo would otherwise guard on the
-    base tensor's sizes and strides and recompile for each new layout of the caller's tensor.
-    """
-    if all(_rows_flatten(t) for t in ts):
-        return [tuple(t.view(-1, t.shape[-1]).detach() for t in ts)]
-    return [tuple(t[b].detach() for t in ts) for b in range(ts[0].shape[0])]
-
-
 def _scalar(value: float, x: Tensor) -> Tensor:
     """``1/T`` as a float64 0-d tensor: a graph input, so a new temperature does not recompile."""
     return torch.full((), value, dtype=torch.float64, device=x.device)
@@ -443,7 +364,7 @@ def _forward_rows(
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return x.new_zeros((*lead, *values), dtype=acc), x.new_zeros((*lead, n_stats), dtype=torch.float64)
     inv_t = _scalar(1.0 / temperature, x)
-    parts = [_call("forward", x.dtype, op, *rows, inv_t) for rows in _row_views(*inputs)]
+    parts = [_call("forward", x.dtype, op, *rows, inv_t) for rows in _rows.row_views(*inputs)]
     if len(parts) == 1:
         value, stats = parts[0]
     else:
@@ -459,7 +380,7 @@ def _backward_rows(
     if x.numel() == 0:
         return tuple(torch.zeros_like(t) for t in inputs)
     inv_t = _scalar(1.0 / temperature, x)
-    views = _row_views(*inputs)
+    views = _rows.row_views(*inputs)
 
     def run(g: Tensor, rows: tuple[Tensor, ...], s: Tensor) -> tuple[Tensor, ...]:
         out = _call("backward", x.dtype, op, g, *rows, s, inv_t)

@@ -15,9 +15,9 @@ compiler and the CPU model and flags, so a shared home directory never hands one
 instructions. The build is about a second; later processes load the cached library.
 
 Layers. The kernel is the custom op ``vppo_core::cpu_row_stats`` (opaque to a caller's
-``torch.compile``); the float64 finalisation is `._compile`'s (``finish_*``), so both backends
-turn the same sums into values and saved statistics; the backward is `._compile`'s pointwise pass
-(or `._torch`'s when ``torch.compile`` is unusable).
+``torch.compile``); the float64 finalisation is `._rows`'s (``finish_*``, shared with `._compile`),
+so both backends turn the same sums into values and saved statistics; the backward is `._compile`'s
+pointwise pass (or `._torch`'s when ``torch.compile`` is unusable).
 """
 
 import ctypes
@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import _compile, _torch
+from . import _compile, _rows, _torch
 
 LOG2E = 1.4426950408889634
 NCOL = 7  # columns of the kernel's per-row output
@@ -166,7 +166,7 @@ def _stats(op: str, inputs: tuple[Tensor, ...], temperature: float) -> Tensor:
     """``[batch, seq, 7]`` kernel output for ``[batch, seq, vocab]`` inputs (row views, no copy)."""
     lead = inputs[0].shape[:-1]
     parts = []
-    for rows in _compile._row_views(*(_unit_stride(t) for t in inputs)):
+    for rows in _rows.row_views(*(_unit_stride(t) for t in inputs)):
         parts.append(row_stats(rows[0], rows[-1], MODES[op], 1.0 / temperature))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.view(*lead, NCOL)
@@ -183,11 +183,11 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
     """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``), as `._compile.forward`."""
     s, inv_t = _stats(divergence, (x, y), temperature).unbind(-1), _inv_t(temperature)
     if divergence == "hellinger":
-        lse = _compile.finish_hellinger(s[0], s[1], s[2], s[3], s[4], inv_t)
-        return _compile.finish_divergence(x, y, inv_t, "hellinger", lse, torch.float32)
-    lse_x, lse_y, a_x = _compile.finish_lse(s[0], s[1], s[2], s[3], s[4], inv_t)
+        lse = _rows.finish_hellinger(s[0], s[1], s[2], s[3], s[4], inv_t)
+        return _rows.finish_divergence(x, y, inv_t, "hellinger", lse, torch.float32)
+    lse_x, lse_y, a_x = _rows.finish_lse(s[0], s[1], s[2], s[3], s[4], inv_t)
     if divergence == "kl":
-        return _compile.finish_divergence(x, y, inv_t, "kl", (lse_x, lse_y, a_x), torch.float32)
+        return _rows.finish_divergence(x, y, inv_t, "kl", (lse_x, lse_y, a_x), torch.float32)
     partial = _compile.jsd_partial if torch.compiler.is_compiling() or _compile.usable() else _torch.jsd_partial_chunked
     v = x.shape[-1]
     a_x, a_y = partial(x.reshape(-1, v), y.reshape(-1, v), lse_x.reshape(-1), lse_y.reshape(-1), 1.0 / temperature)
@@ -199,13 +199,13 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
 def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (entropy ``[batch, seq]``, stats ``[batch, seq, 2]``)."""
     s = _stats("entropy", (x,), temperature).unbind(-1)
-    return _compile.finish_entropy(s[0], s[1], s[2], _inv_t(temperature), torch.float32)
+    return _rows.finish_entropy(s[0], s[1], s[2], _inv_t(temperature), torch.float32)
 
 
 def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
     s = _stats("joint", (x, y), temperature).unbind(-1)
-    return _compile.finish_joint(s, _inv_t(temperature), torch.float32)
+    return _rows.finish_joint(s, _inv_t(temperature), torch.float32)
 
 
 def _backward_module() -> ModuleType:
