@@ -26,7 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(VPPO_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(VPPO_PORTABLE)
 #include <immintrin.h>
 #define VPPO_AVX512 1
 #else
