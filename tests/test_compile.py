@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vppo_core as V
+from vppo_core.kernels import _cpu
 
 
 def user_step(lp, old, aug, adv_rewards, group_ids, mask):
@@ -33,3 +34,27 @@ def test_fullgraph_compile_matches_eager():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend",
+    ["compile", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu.available(), reason="no C compiler"))],
+)
+def test_dynamic_compile_keeps_one_graph_for_new_temperatures_and_sizes(backend):
+    """Under ``torch.compile(dynamic=True)`` the temperature is symbolic: the scalar checks step aside
+    (they run eagerly) and the kernels take 1/T as a tensor, so one graph serves every call."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+
+    def step(x, y, temperature):
+        return V.visual_dependency(x, y, temperature=temperature, backend=backend).sum()
+
+    compiled = torch.compile(step, backend=counter, dynamic=True)
+    for tokens, temperature in ((5, 1.0), (7, 0.7), (9, 1.3)):
+        x, y = torch.randn(2, tokens, 300), torch.randn(2, tokens, 300)
+        torch.testing.assert_close(compiled(x, y, temperature), step(x, y, temperature))
+    assert counter.frame_count == 1, counter.frame_count
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -1\.0"):
+        step(x, y, -1.0)  # the eager call still checks

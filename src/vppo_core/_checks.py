@@ -55,12 +55,23 @@ def result_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def _tracing() -> bool:
+    """Whether ``torch.compile`` is tracing. A number may then be symbolic (a ``SymFloat`` under
+    ``dynamic=True``, which Dynamo reports as a ``float``) with no value to check, so the scalar
+    checks, like the jaxtyping ones, run on the eager layer only."""
+    return torch.compiler.is_compiling()
+
+
 def check_positive(name: str, value: float) -> None:
+    if _tracing():
+        return
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def check_fraction(name: str, value: float) -> None:
+    if _tracing():
+        return
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 

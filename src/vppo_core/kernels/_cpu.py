@@ -131,9 +131,12 @@ def simd_width() -> int:
 
 
 @torch.library.custom_op("vppo_core::cpu_row_stats", mutates_args=())
-def row_stats(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
+def row_stats(x: Tensor, y: Tensor, mode: int, inv_t: Tensor) -> Tensor:
     """``[rows, 7]`` float64 row maxima and sums (see ``_cpu_kernel.c``) of ``[rows, vocab]`` CPU logits
-    with unit stride along the vocabulary (any row stride); ``y`` is ignored for the entropy (mode 2)."""
+    with unit stride along the vocabulary (any row stride); ``y`` is ignored for the entropy (mode 2).
+
+    ``inv_t`` (``1/T``) is a 0-d tensor, so that a new temperature does not recompile a caller's graph.
+    """
     out = torch.empty((x.shape[0], NCOL), dtype=torch.float64)
     if x.shape[0] == 0:
         return out
@@ -146,7 +149,7 @@ def row_stats(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
         y.stride(0),
         DTYPES[x.dtype],
         mode,
-        LOG2E * inv_t,
+        LOG2E * float(inv_t),
         out.data_ptr(),
         torch.get_num_threads(),
     )
@@ -154,7 +157,7 @@ def row_stats(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
 
 
 @row_stats.register_fake
-def _(x: Tensor, y: Tensor, mode: int, inv_t: float) -> Tensor:
+def _(x: Tensor, y: Tensor, mode: int, inv_t: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], NCOL), dtype=torch.float64)
 
 
@@ -162,12 +165,12 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _stats(op: str, inputs: tuple[Tensor, ...], temperature: float) -> Tensor:
+def _stats(op: str, inputs: tuple[Tensor, ...], inv_t: Tensor) -> Tensor:
     """``[batch, seq, 7]`` kernel output for ``[batch, seq, vocab]`` inputs (row views, no copy)."""
     lead = inputs[0].shape[:-1]
     parts = []
     for rows in _rows.row_views(*(_unit_stride(t) for t in inputs)):
-        parts.append(row_stats(rows[0], rows[-1], MODES[op], 1.0 / temperature))
+        parts.append(row_stats(rows[0], rows[-1], MODES[op], inv_t))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.view(*lead, NCOL)
 
@@ -181,7 +184,8 @@ def _inv_t(temperature: float) -> Tensor:
 
 def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (value ``[batch, seq]``, stats ``[batch, seq, 4]``), as `._compile.forward`."""
-    s, inv_t = _stats(divergence, (x, y), temperature).unbind(-1), _inv_t(temperature)
+    inv_t = _inv_t(temperature)
+    s = _stats(divergence, (x, y), inv_t).unbind(-1)
     if divergence == "hellinger":
         lse = _rows.finish_hellinger(s[0], s[1], s[2], s[3], s[4], inv_t)
         return _rows.finish_divergence(x, y, inv_t, "hellinger", lse, torch.float32)
@@ -198,14 +202,16 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
 
 def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (entropy ``[batch, seq]``, stats ``[batch, seq, 2]``)."""
-    s = _stats("entropy", (x,), temperature).unbind(-1)
-    return _rows.finish_entropy(s[0], s[1], s[2], _inv_t(temperature), torch.float32)
+    inv_t = _inv_t(temperature)
+    s = _stats("entropy", (x,), inv_t).unbind(-1)
+    return _rows.finish_entropy(s[0], s[1], s[2], inv_t, torch.float32)
 
 
 def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (values ``[batch, seq, 3]`` = (KL, H(p), H(q)), stats ``[batch, seq, 5]``)."""
-    s = _stats("joint", (x, y), temperature).unbind(-1)
-    return _rows.finish_joint(s, _inv_t(temperature), torch.float32)
+    inv_t = _inv_t(temperature)
+    s = _stats("joint", (x, y), inv_t).unbind(-1)
+    return _rows.finish_joint(s, inv_t, torch.float32)
 
 
 def _backward_module() -> ModuleType:
