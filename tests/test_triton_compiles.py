@@ -24,7 +24,7 @@ try:  # Triton's ahead-of-time compile API (3.x) and the ptxas it ships for NVID
 except ImportError as err:  # pragma: no cover - other Triton builds or versions
     pytest.skip(f"this Triton has no NVIDIA ahead-of-time compiler ({err})", allow_module_level=True)
 
-from vppo_core.kernels import _triton as T  # noqa: E402
+from vppo_core.kernels import _triton_kernels as T  # noqa: E402
 
 # every kernel of the Triton backend, with the constexprs its launcher passes (DIV: KL, JSD, Hellinger)
 KERNELS = {
