@@ -106,8 +106,9 @@ def library(portable: bool = False) -> ctypes.CDLL:
         raise RuntimeError("; ".join(errors))
     fn = lib.vppo_cpu_row_stats
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_int, ctypes.c_int]
-    fn.argtypes += [ctypes.c_double, ctypes.c_void_p, ctypes.c_int]
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # x, y, rows, vocab, stride_x, stride_y, dtype, mode, c, out, threads
+    fn.argtypes = [pointer, pointer, i64, i64, i64, i64, i32, i32, ctypes.c_double, pointer, i32]
     lib.vppo_cpu_simd_width.restype = ctypes.c_int
     return lib
 
@@ -117,7 +118,7 @@ def available() -> bool:
     """Whether the kernel builds and loads here (the first call builds it)."""
     try:
         library(_state["portable"])
-    except RuntimeError:
+    except (OSError, RuntimeError):
         return False
     return True
 
