@@ -194,3 +194,25 @@ def test_build_is_cached_per_machine_and_a_missing_compiler_falls_back(monkeypat
         monkeypatch.undo()
         _cpu.library.cache_clear()
         _cpu.available.cache_clear()
+
+
+def test_a_compiler_that_fails_makes_the_backend_unavailable(monkeypatch, tmp_path):
+    """Both build attempts (with and without -march=native) fail: no library, auto uses compile or torch."""
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: this compiler always fails' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("VPPO_CORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(failing))
+    _cpu.library.cache_clear()
+    _cpu.available.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="this compiler always fails"):
+            _cpu.library()
+        assert not _cpu.available()
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
+        big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4)
+        assert K.resolve_backend("auto", big) == ("compile" if _compile.usable() else "torch")
+    finally:
+        monkeypatch.undo()
+        _cpu.library.cache_clear()
+        _cpu.available.cache_clear()
