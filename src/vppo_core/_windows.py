@@ -1,0 +1,174 @@
+r"""Windows, tag spans and priority weights (re-exported by `vppo_core.selection`).
+
+`tail_window_mask` keeps the last fraction of each response, `span_mask` the tokens between tag ids,
+and `priority_weights` turns a list of masks into per-token weights (the first mask holding a token
+gives its weight). Masks carry
+no gradient; padding is never kept.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Bool, Float, Integer, Shaped
+from torch import Tensor
+
+from ._checks import as_bool_mask, check_fraction, check_same_device, typechecked
+
+__all__ = ["priority_weights", "span_mask", "tail_window_mask"]
+
+# ceil(q * n) / floor(q * n) are computed in float64 with this guard, so decimal fractions behave as
+# written (0.7 * 10 keeps 7, and 0.3 * 10 = 2.9999999999999996 floors to 3); `selection` uses it too.
+_GUARD = 1e-9
+
+
+@typechecked
+def tail_window_mask(
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    fraction: float = 0.5,
+) -> Bool[Tensor, "batch seq"]:
+    r"""The last ``fraction`` of each response: valid tokens with index $j \ge \lfloor (1 - \gamma) L_i\rfloor$.
+
+    $j = 0, \dots, L_i - 1$ counts response $i$'s valid tokens in order (left or right padding alike).
+    VGPO (arXiv:2604.09349) restricts its gated compensation to this window, $\gamma = 0.5$.
+    ``fraction=1`` keeps every valid token; a non-empty response always keeps at least its last token.
+
+    Shapes:
+        - ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` bool
+
+    Args:
+        response_mask: Valid response tokens.
+        fraction: $\gamma \in (0, 1]$.
+
+    Returns:
+        Bool mask, a subset of ``response_mask``.
+
+    Raises:
+        ValueError: If ``fraction`` is not in $(0, 1]$.
+
+    Example:
+        >>> import torch
+        >>> tail_window_mask(torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]), fraction=0.5)
+        tensor([[False, False,  True,  True,  True, False],
+                [False, False, False,  True,  True,  True]])
+    """
+    check_fraction("fraction", fraction)
+    valid = as_bool_mask(response_mask)
+    index = valid.long().cumsum(-1) - 1
+    length = valid.sum(-1, keepdim=True).to(torch.float64)
+    start = torch.floor(length * (1.0 - fraction) + _GUARD)
+    return valid & (index >= start)
+
+
+@typechecked
+def span_mask(
+    input_ids: Integer[Tensor, "batch seq"],
+    open_ids: int | Sequence[int],
+    close_ids: int | Sequence[int],
+    response_mask: Shaped[Tensor, "batch seq"] | None = None,
+    *,
+    include_tags: bool = True,
+) -> Bool[Tensor, "batch seq"]:
+    r"""Tokens inside tag spans, e.g. ``<region> ... </region>``: from each opening tag to the next closing one.
+
+    Token $t$ is inside when more opening tags than closing tags occur before it (counting an
+    opening tag at $t$ itself): $\#\{s \le t: \text{open}\} > \#\{s < t: \text{close}\}$. For
+    well-formed, non-nested spans that is exactly the tokens from each opening tag to its closing tag;
+    an unclosed span runs to the end of the row and a stray closing tag is ignored. CGPO uses the
+    region-tag tokens of a response as perception tokens. Pass single-token tag ids (add the tags to
+    the tokenizer as special tokens if they would otherwise split).
+
+    Shapes:
+        - ``input_ids``, ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` bool
+
+    Args:
+        input_ids: Token ids.
+        open_ids: Id(s) of the opening tag.
+        close_ids: Id(s) of the closing tag.
+        response_mask: Restrict the result to these positions; ``None`` keeps all.
+        include_tags: Whether the tag tokens themselves are in the span.
+
+    Returns:
+        Bool mask of the spans.
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[5, 1, 7, 8, 2, 9, 1, 4]])  # 1 opens, 2 closes
+        >>> span_mask(ids, 1, 2).int()
+        tensor([[0, 1, 1, 1, 1, 0, 1, 1]], dtype=torch.int32)
+        >>> span_mask(ids, 1, 2, include_tags=False).int()
+        tensor([[0, 0, 1, 1, 0, 0, 0, 1]], dtype=torch.int32)
+    """
+    device = input_ids.device
+    opens = torch.isin(input_ids, torch.as_tensor(open_ids, device=device).reshape(-1))
+    closes = torch.isin(input_ids, torch.as_tensor(close_ids, device=device).reshape(-1))
+    n_open = opens.long().cumsum(-1)
+    n_close_before = closes.long().cumsum(-1) - closes.long()
+    inside = n_open > n_close_before
+    if not include_tags:
+        inside = inside & ~opens & ~closes
+    if response_mask is not None:
+        check_same_device(input_ids=input_ids, response_mask=response_mask)
+        inside = inside & as_bool_mask(response_mask)
+    return inside
+
+
+@typechecked
+def priority_weights(
+    masks: Sequence[Shaped[Tensor, "batch seq"]],
+    weights: Sequence[float],
+    response_mask: Shaped[Tensor, "batch seq"],
+    *,
+    default: float = 0.0,
+) -> Float[Tensor, "batch seq"]:
+    r"""Token weights from prioritised masks: each valid token gets the weight of the first mask holding it.
+
+    $$
+    w_t = \begin{cases} \gamma_1 & t \in M_1 \\ \gamma_2 & t \in M_2 \setminus M_1 \\ \ \vdots \\
+    \gamma_{default} & \text{otherwise} \end{cases}
+    $$
+
+    ToR (arXiv:2603.25077) weights the reasoning set with $\gamma_r = 1$ and the remaining
+    perception set with $\gamma_p = 0.5$, everything else 0. Padding is 0. Pass the result as
+    ``token_mask`` (float weights) to [`vppo_loss`][vppo_core.vppo_loss].
+
+    Shapes:
+        - each of ``masks``, ``response_mask``: ``[batch, seq]``
+        - returns: ``[batch, seq]`` float32
+
+    Args:
+        masks: Bool (or 0/1) masks, highest priority first.
+        weights: One finite weight per mask.
+        response_mask: Valid tokens.
+        default: Weight of valid tokens in no mask.
+
+    Returns:
+        Float32 weights.
+
+    Raises:
+        ValueError: If the counts differ or a weight is not finite.
+
+    Example:
+        >>> import torch
+        >>> reasoning = torch.tensor([[1, 0, 0, 1]])
+        >>> perception = torch.tensor([[1, 1, 0, 0]])
+        >>> priority_weights([reasoning, perception], [1.0, 0.5], torch.tensor([[1, 1, 1, 0]]))
+        tensor([[1.0000, 0.5000, 0.0000, 0.0000]])
+    """
+    if len(masks) != len(weights):
+        raise ValueError(
+            f"priority_weights needs one weight per mask, got {len(masks)} masks and {len(weights)} weights"
+        )
+    for i, w in enumerate([*weights, default]):
+        if not math.isfinite(w):
+            name = f"weights[{i}]" if i < len(weights) else "default"
+            raise ValueError(f"{name} must be a finite number, got {w!r}")
+    valid = as_bool_mask(response_mask)
+    out = torch.full(valid.shape, float(default), dtype=torch.float32, device=valid.device)
+    for mask, w in zip(reversed(masks), reversed(weights)):  # lowest priority first, overwritten by higher ones
+        check_same_device(mask=mask, response_mask=response_mask)
+        out = torch.where(as_bool_mask(mask, "masks"), float(w), out)
+    return torch.where(valid, out, 0.0)
