@@ -172,47 +172,48 @@ def test_errors_name_the_backend():
         K.resolve_backend("cpu", torch.empty(2, 5, device="meta"))
 
 
-def test_build_is_cached_per_machine_and_a_missing_compiler_falls_back(monkeypatch, tmp_path):
+@pytest.fixture
+def rebuild(monkeypatch):
+    """Forget the loaded library (and whether it builds) before the test and after it, so that the test
+    builds under its own environment and later tests load the usual one again."""
+
+    def forget():
+        _cpu.library.cache_clear()
+        _cpu.available.cache_clear()
+
+    forget()
+    yield forget
+    monkeypatch.undo()
+    forget()
+
+
+def auto_without_cpu() -> str:
+    return K.resolve_backend("auto", torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4))
+
+
+def test_build_is_cached_per_machine_and_a_missing_compiler_falls_back(rebuild, monkeypatch, tmp_path):
     monkeypatch.setenv("VPPO_CORE_CACHE_DIR", str(tmp_path))
-    _cpu.library.cache_clear()
-    _cpu.available.cache_clear()
-    try:
-        assert _cpu.available()
-        built = list(tmp_path.glob("cpu_kernel_*.so"))
-        assert len(built) == 1
-        x, y = T.logits((2, 3, 700), torch.float32)
-        T.check_forward("cpu", x, y)
-        _cpu.library.cache_clear()
-        _cpu.available.cache_clear()
-        monkeypatch.setattr(_cpu, "compiler", lambda: None)
-        assert not _cpu.available()
-        with pytest.raises(ValueError, match="backend='cpu' needs a C compiler"):
-            visual_dependency(x, y, backend="cpu")
-        big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4)
-        assert K.resolve_backend("auto", big) == ("compile" if _compile.usable() else "torch")
-    finally:
-        monkeypatch.undo()
-        _cpu.library.cache_clear()
-        _cpu.available.cache_clear()
+    assert _cpu.available()
+    assert len(list(tmp_path.glob("cpu_kernel_*.so"))) == 1
+    x, y = T.logits((2, 3, 700), torch.float32)
+    T.check_forward("cpu", x, y)
+    rebuild()
+    monkeypatch.setattr(_cpu, "compiler", lambda: None)
+    assert not _cpu.available()
+    with pytest.raises(ValueError, match="backend='cpu' needs a C compiler"):
+        visual_dependency(x, y, backend="cpu")
+    assert auto_without_cpu() == ("compile" if _compile.usable() else "torch")
 
 
-def test_a_compiler_that_fails_makes_the_backend_unavailable(monkeypatch, tmp_path):
+def test_a_compiler_that_fails_makes_the_backend_unavailable(rebuild, monkeypatch, tmp_path):
     """Both build attempts (with and without -march=native) fail: no library, auto uses compile or torch."""
     failing = tmp_path / "failing-cc"
     failing.write_text("#!/bin/sh\necho 'cc: error: this compiler always fails' >&2\nexit 1\n")
     failing.chmod(0o755)
     monkeypatch.setenv("VPPO_CORE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(failing))
-    _cpu.library.cache_clear()
-    _cpu.available.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="this compiler always fails"):
-            _cpu.library()
-        assert not _cpu.available()
-        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
-        big = torch.empty(4, K.AUTO_COMPILE_MIN_ELEMENTS // 4)
-        assert K.resolve_backend("auto", big) == ("compile" if _compile.usable() else "torch")
-    finally:
-        monkeypatch.undo()
-        _cpu.library.cache_clear()
-        _cpu.available.cache_clear()
+    with pytest.raises(RuntimeError, match="this compiler always fails"):
+        _cpu.library()
+    assert not _cpu.available()
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
+    assert auto_without_cpu() == ("compile" if _compile.usable() else "torch")
