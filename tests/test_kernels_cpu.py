@@ -217,3 +217,14 @@ def test_a_compiler_that_fails_makes_the_backend_unavailable(rebuild, monkeypatc
     assert not _cpu.available()
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
     assert auto_without_cpu() == ("compile" if _compile.usable() else "torch")
+
+
+def test_an_unwritable_cache_home_falls_back_to_the_temporary_directory(rebuild, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.delenv("VPPO_CORE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/vppo_core cannot be created under a file
+    monkeypatch.setattr(_cpu.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert _cpu._cache_dir().parent == tmp_path and _cpu._cache_dir().name.startswith("vppo_core-")
+    assert _cpu.available()
+    assert list(_cpu._cache_dir().glob("cpu_kernel_*.so"))

@@ -10,7 +10,8 @@ and the arithmetic overlap. Rows are split over ``torch.get_num_threads()`` thre
 
 Build. The first call compiles the C file with the system C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``; ``-O3 -march=native``, retried without ``-march=native`` if that fails) into
-``$VPPO_CORE_CACHE_DIR`` (default ``~/.cache/vppo_core``), keyed by the source, the flags, the
+``$VPPO_CORE_CACHE_DIR`` (default ``~/.cache/vppo_core``, or a per-user folder in the temporary
+directory when that is not writable), keyed by the source, the flags, the
 compiler and the CPU model and flags, so a shared home directory never hands one machine another's
 instructions. The build is about a second; later processes load the cached library.
 
@@ -66,9 +67,19 @@ def _machine() -> str:
 
 
 def _cache_dir() -> Path:
+    """``$VPPO_CORE_CACHE_DIR``, else ``~/.cache/vppo_core`` (``$XDG_CACHE_HOME``), else, if that cannot
+    be created or written (a read-only home), a per-user folder in the temporary directory."""
     if os.environ.get("VPPO_CORE_CACHE_DIR"):
         return Path(os.environ["VPPO_CORE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vppo_core"
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vppo_core"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"vppo_core-{user}"
 
 
 def _build(cc: str, flags: list[str], target: Path) -> None:
