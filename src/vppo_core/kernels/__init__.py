@@ -187,11 +187,11 @@ def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.
         def bwd(g: Tensor, x: Tensor, y: Tensor, s: Tensor, temperature: float, div: str) -> tuple[Tensor, Tensor]:
             return ops.divergence_bwd(x, y, s, g, 1.0 / temperature, ops.div_code(div))
 
-        return fwd, bwd, _compile.jsd_partial if _compile.usable() else _torch.jsd_partial_chunked
+        return fwd, bwd, _compile.jsd_partial_or_eager()
     if name == "compile":
         return _compile.forward, _compile.backward, _compile.jsd_partial
     if name == "cpu":
-        return _cpu.forward, _cpu.backward, _compile.jsd_partial if _compile.usable() else _torch.jsd_partial_chunked
+        return _cpu.forward, _cpu.backward, _compile.jsd_partial_or_eager()
     return _torch.forward, _torch.backward, _torch.jsd_partial_chunked
 
 

@@ -211,8 +211,13 @@ def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    lse = _hellinger_stats(x, y, inv_t) if divergence == "hellinger" else _lse_stats(x, y, inv_t)
-    return _rows.finish_divergence(x, y, inv_t, divergence, lse, acc)
+    if divergence == "hellinger":
+        return _rows.finish_divergence(divergence, _hellinger_stats(x, y, inv_t), acc)
+    lse = _lse_stats(x, y, inv_t)
+    if divergence == "kl":
+        return _rows.finish_divergence(divergence, lse, acc)
+    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse[0], lse[1], inv_t.to(acc))
+    return _rows.finish_jsd(lse[0], lse[1], a_x, a_y, acc)
 
 
 def backward_core(
@@ -252,6 +257,12 @@ def available() -> bool:
 def usable() -> bool:
     """``available()`` and no compilation has failed in this process yet."""
     return not _state["broken"] and available()
+
+
+def usable_or_tracing() -> bool:
+    """`usable`, or inside a caller's ``torch.compile`` (where the plain cores are traced, not compiled
+    here, and `available` must not be traced)."""
+    return torch.compiler.is_compiling() or usable()
 
 
 def mark_broken() -> None:
@@ -344,6 +355,12 @@ def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float
     if torch.compiler.is_compiling():
         return _jsd_partial_core(x, y, lse_x, lse_y, _scalar(inv_t, x))
     return _compiled_jsd_partial(x.dtype)(x.detach(), y.detach(), lse_x, lse_y, _scalar(inv_t, x))
+
+
+def jsd_partial_or_eager() -> Callable[..., tuple[Tensor, Tensor]]:
+    """The second JSD sweep for backends that have none of their own: `jsd_partial` where
+    ``torch.compile`` is usable (or being traced), else the chunked eager `._torch.jsd_partial_chunked`."""
+    return jsd_partial if usable_or_tracing() else _torch.jsd_partial_chunked
 
 
 def _scalar(value: float, x: Tensor) -> Tensor:

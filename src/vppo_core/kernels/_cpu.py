@@ -173,15 +173,11 @@ def _(x: Tensor, y: Tensor, mode: int, inv_t: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], NCOL), dtype=torch.float64)
 
 
-def _unit_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _stats(op: str, inputs: tuple[Tensor, ...], inv_t: Tensor) -> Tensor:
     """``[batch, seq, 7]`` kernel output for ``[batch, seq, vocab]`` inputs (row views, no copy)."""
     lead = inputs[0].shape[:-1]
     parts = []
-    for rows in _rows.row_views(*(_unit_stride(t) for t in inputs)):
+    for rows in _rows.row_views(*(_rows.unit_vocab_stride(t) for t in inputs)):
         parts.append(row_stats(rows[0], rows[-1], MODES[op], inv_t))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.view(*lead, NCOL)
@@ -199,17 +195,14 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
     inv_t = _inv_t(temperature)
     s = _stats(divergence, (x, y), inv_t).unbind(-1)
     if divergence == "hellinger":
-        lse = _rows.finish_hellinger(s[0], s[1], s[2], s[3], s[4], inv_t)
-        return _rows.finish_divergence(x, y, inv_t, "hellinger", lse, torch.float32)
-    lse_x, lse_y, a_x = _rows.finish_lse(s[0], s[1], s[2], s[3], s[4], inv_t)
+        return _rows.finish_divergence(divergence, _rows.finish_hellinger(*s[:5], inv_t), torch.float32)
+    lse_x, lse_y, a_x = _rows.finish_lse(*s[:5], inv_t)
     if divergence == "kl":
-        return _rows.finish_divergence(x, y, inv_t, "kl", (lse_x, lse_y, a_x), torch.float32)
-    partial = _compile.jsd_partial if torch.compiler.is_compiling() or _compile.usable() else _torch.jsd_partial_chunked
+        return _rows.finish_divergence(divergence, (lse_x, lse_y, a_x), torch.float32)
     v = x.shape[-1]
+    partial = _compile.jsd_partial_or_eager()
     a_x, a_y = partial(x.reshape(-1, v), y.reshape(-1, v), lse_x.reshape(-1), lse_y.reshape(-1), 1.0 / temperature)
-    a_x, a_y = a_x.double().view(lse_x.shape), a_y.double().view(lse_x.shape)
-    value = (0.5 * (a_x + a_y)).clamp_min(0.0).float()
-    return value, torch.stack([lse_x, lse_y, a_x, a_y], -1)
+    return _rows.finish_jsd(lse_x, lse_y, a_x.view(lse_x.shape), a_y.view(lse_x.shape), torch.float32)
 
 
 def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -227,7 +220,7 @@ def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Ten
 
 
 def _backward_module() -> ModuleType:
-    return _compile if torch.compiler.is_compiling() or _compile.usable() else _torch
+    return _compile if _compile.usable_or_tracing() else _torch
 
 
 def backward(

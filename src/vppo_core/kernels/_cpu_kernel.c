@@ -127,8 +127,12 @@ static float load_portable(const void *src, int dtype, int64_t n, float *dst, co
     return m;
 }
 
-static inline sums_t block_portable(const float *x, const float *y, int64_t n, float mx, float my, float c,
-                                    int mode) {
+static inline sums_t block_portable(const float *x, const float *y, int64_t n, float mx, float my, float c, int mode,
+                                    const char *pfx, const char *pfy, int64_t pf_step) {
+    for (int64_t off = 0; off < n * pf_step; off += 64) { /* the next block, before this one's arithmetic */
+        __builtin_prefetch(pfx + off);
+        if (mode != MODE_ENTROPY) __builtin_prefetch(pfy + off);
+    }
     /* (x - m) c, not x c - m c: a rounded m c would shift each block by a different error */
     float sx_ = mx == -INFINITY ? 0.0f : mx, sy_ = my == -INFINITY ? 0.0f : my;
     float sx = 0, d = 0, hx = 0, sy = 0, hy = 0, b = 0;
@@ -261,6 +265,14 @@ static inline sums_t block_avx512(const float *x, const float *y, int64_t n, flo
 }
 #endif
 
+#if VPPO_AVX512
+#define load_block load_avx512
+#define block_pass block_avx512
+#else
+#define load_block load_portable
+#define block_pass block_portable
+#endif
+
 /* ------------------------------------------------------------------------------------- row merging */
 
 /* 2^{c (from - to)}, the weight that moves sums at shift `from` to shift `to` >= from; 0 if from = -inf. */
@@ -307,31 +319,16 @@ static void *run_rows(void *arg) {
             const float *x, *y = NULL;
             float mx, my = -INFINITY;
             sums_t s;
-#if VPPO_AVX512
-            mx = load_avx512(xr + b0 * es, j->dtype, n, bx, &x);
-            if (j->mode != MODE_ENTROPY) my = load_avx512(yr + b0 * es, j->dtype, n, by, &y);
-            /* prefetch the next block: one cache line of each input per 16 entries of this one */
+            mx = load_block(xr + b0 * es, j->dtype, n, bx, &x);
+            if (j->mode != MODE_ENTROPY) my = load_block(yr + b0 * es, j->dtype, n, by, &y);
+            /* the next block is prefetched during this one's arithmetic */
             const char *px = xr + (b0 + BLOCK) * es, *py = yr + (b0 + BLOCK) * es;
-            switch (j->mode) {
-            case MODE_KL: s = block_avx512(x, y, n, mx, my, c, MODE_KL, px, py, es); break;
-            case MODE_HELLINGER: s = block_avx512(x, y, n, mx, my, c, MODE_HELLINGER, px, py, es); break;
-            case MODE_ENTROPY: s = block_avx512(x, x, n, mx, mx, c, MODE_ENTROPY, px, px, es); break;
-            default: s = block_avx512(x, y, n, mx, my, c, MODE_JOINT, px, py, es); break;
+            switch (j->mode) { /* a constant mode per call site: each is compiled for its mode */
+            case MODE_KL: s = block_pass(x, y, n, mx, my, c, MODE_KL, px, py, es); break;
+            case MODE_HELLINGER: s = block_pass(x, y, n, mx, my, c, MODE_HELLINGER, px, py, es); break;
+            case MODE_ENTROPY: s = block_pass(x, x, n, mx, mx, c, MODE_ENTROPY, px, px, es); break;
+            default: s = block_pass(x, y, n, mx, my, c, MODE_JOINT, px, py, es); break;
             }
-#else
-            mx = load_portable(xr + b0 * es, j->dtype, n, bx, &x);
-            if (j->mode != MODE_ENTROPY) my = load_portable(yr + b0 * es, j->dtype, n, by, &y);
-            for (int64_t off = 0; off < BLOCK * es; off += 64) { /* the next block, before this one's arithmetic */
-                __builtin_prefetch(xr + (b0 + BLOCK) * es + off);
-                if (j->mode != MODE_ENTROPY) __builtin_prefetch(yr + (b0 + BLOCK) * es + off);
-            }
-            switch (j->mode) {
-            case MODE_KL: s = block_portable(x, y, n, mx, my, c, MODE_KL); break;
-            case MODE_HELLINGER: s = block_portable(x, y, n, mx, my, c, MODE_HELLINGER); break;
-            case MODE_ENTROPY: s = block_portable(x, x, n, mx, mx, c, MODE_ENTROPY); break;
-            default: s = block_portable(x, y, n, mx, my, c, MODE_JOINT); break;
-            }
-#endif
             double mx_old = sx.m, my_old = sy.m, wxo, wxb, wyo = 0, wyb = 0;
             merge_side(&sx, mx, s.sx, s.hx, j->c, &wxo, &wxb);
             d = wxo * d + (wxb > 0 ? wxb * (double)s.d : 0.0);

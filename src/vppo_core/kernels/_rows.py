@@ -13,6 +13,11 @@ from . import _torch
 # ----------------------------------------------------------------------------- row views
 
 
+def unit_vocab_stride(t: Tensor) -> Tensor:
+    """``t`` if its last (vocabulary) axis has unit stride, else a contiguous copy: what the kernels read."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _rows_flatten(t: Tensor) -> bool:
     """Whether ``[B, S, V]`` views as ``[B*S, V]`` without a copy."""
     return t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
@@ -73,19 +78,20 @@ def finish_joint(
     return values.clamp_min(0.0).to(acc), stats
 
 
-def finish_divergence(
-    x: Tensor, y: Tensor, inv_t: Tensor, divergence: str, lse: tuple[Tensor, Tensor, Tensor], acc: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """(value, float64 stats ``[rows, 4]``) of ``divergence`` from `finish_lse` (KL, JSD) or
-    `finish_hellinger`'s output; the JSD takes a second pass over ``x`` and ``y``."""
+def finish_divergence(divergence: str, lse: tuple[Tensor, Tensor, Tensor], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(value, float64 stats ``[rows, 4]``) of the KL from `finish_lse`'s output, or of the squared
+    Hellinger distance from `finish_hellinger`'s."""
     if divergence == "hellinger":
         stats = torch.stack([*lse, torch.zeros_like(lse[2])], -1)
         return _torch.hellinger_value(stats).clamp_min(0.0).to(acc), stats
     lse_x, lse_y, a_x = lse
-    if divergence == "kl":
-        value = a_x - (lse_x - lse_y)
-        return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
-    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse_x, lse_y, inv_t.to(acc))
+    value = a_x - (lse_x - lse_y)
+    return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, torch.zeros_like(a_x)], -1)
+
+
+def finish_jsd(lse_x: Tensor, lse_y: Tensor, a_x: Tensor, a_y: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(JSD, float64 stats ``(lse_x, lse_y, a_x, a_y)``) from the lse's and the second sweep's sums
+    ``a_x = sum p log(p/m)``, ``a_y = sum q log(q/m)``."""
     a_x, a_y = a_x.double(), a_y.double()
     value = 0.5 * (a_x + a_y)
     return value.clamp_min(0.0).to(acc), torch.stack([lse_x, lse_y, a_x, a_y], -1)

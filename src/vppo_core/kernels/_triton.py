@@ -7,10 +7,13 @@ backward kernels one program per (row, block of at most 2048). Rows come from th
 strides (no copy); a vocabulary axis that is not contiguous is copied first.
 """
 
+from typing import Any
+
 import torch
 import triton
 from torch import Tensor
 
+from ._rows import unit_vocab_stride
 from ._triton_kernels import (
     _DIV,
     DIV_HELLINGER,
@@ -25,32 +28,37 @@ from ._triton_kernels import (
 )
 
 
-def _block(vocab: int, cap: int) -> int:
-    return min(cap, max(16, triton.next_power_of_2(vocab)))
-
-
-def _fwd_block() -> int:
-    # Small blocks under the CPU interpreter: its cost grows with the block, not the loop count.
-    return 256 if _interpreting() else 4096
-
-
 def _interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
-    """``[batch, seq, vocab]`` -> (float32 value ``[batch, seq]``, float64 stats ``[batch, seq, 4]``)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    y = y if y.stride(-1) == 1 else y.contiguous()
+def _block(vocab: int, cap: int) -> int:
+    return min(cap, max(16, triton.next_power_of_2(vocab)))
+
+
+def _fwd_block(vocab: int) -> int:
+    # Small blocks under the CPU interpreter: its cost grows with the block, not the loop count.
+    return _block(vocab, 256 if _interpreting() else 4096)
+
+
+def _bwd_block(vocab: int) -> int:
+    return _block(vocab, 256 if _interpreting() else 2048)
+
+
+def _pair_forward(
+    kernel: Any, x: Tensor, y: Tensor, inv_t: float, values: tuple[int, ...], n_stats: int, **constexprs: int
+) -> tuple[Tensor, Tensor]:
+    """Launch a two-input forward ``kernel``, one program per row: (float32 values ``[batch, seq, *values]``,
+    float64 stats ``[batch, seq, n_stats]``)."""
+    x, y = unit_vocab_stride(x), unit_vocab_stride(y)
     batch, seq, vocab = x.shape
-    out = torch.empty((batch, seq), dtype=torch.float32, device=x.device)
-    stats = torch.empty((batch, seq, 4), dtype=torch.float64, device=x.device)
-    rows = batch * seq
-    if rows == 0:
+    out = torch.empty((batch, seq, *values), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, seq, n_stats), dtype=torch.float64, device=x.device)
+    if batch * seq == 0:
         return out, stats
-    _fwd_kernel[(rows,)](
+    kernel[(batch * seq,)](
         x,
         y,
         out,
@@ -62,27 +70,26 @@ def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple
         y.stride(0),
         y.stride(1),
         inv_t,
-        DIV=divergence,
-        BLOCK=_block(vocab, _fwd_block()),
+        BLOCK=_fwd_block(vocab),
         num_warps=8,
+        **constexprs,
     )
     return out, stats
 
 
-def launch_backward(
-    x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int
+def _pair_backward(
+    kernel: Any, x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, **constexprs: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. ``x`` and ``y`` (contiguous, in their dtypes)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    y = y if y.stride(-1) == 1 else y.contiguous()
+    """Launch a two-input backward ``kernel``, one program per (row, block): the gradients w.r.t. ``x``
+    and ``y`` (contiguous, in their dtypes)."""
+    x, y = unit_vocab_stride(x), unit_vocab_stride(y)
     batch, seq, vocab = x.shape
     gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
     gy = torch.empty((batch, seq, vocab), dtype=y.dtype, device=y.device)
-    rows = batch * seq
-    if rows == 0 or vocab == 0:
+    if batch * seq == 0 or vocab == 0:
         return gx, gy
-    block = _block(vocab, 256 if _interpreting() else 2048)
-    _bwd_kernel[(rows, triton.cdiv(vocab, block))](
+    block = _bwd_block(vocab)
+    kernel[(batch * seq, triton.cdiv(vocab, block))](
         x,
         y,
         stats.contiguous(),
@@ -96,39 +103,57 @@ def launch_backward(
         y.stride(0),
         y.stride(1),
         inv_t,
-        DIV=divergence,
         BLOCK=block,
         num_warps=8,
+        **constexprs,
     )
     return gx, gy
 
 
-def _unit_vocab_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def launch_forward(x: Tensor, y: Tensor, inv_t: float, divergence: int) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (float32 value ``[batch, seq]``, float64 stats ``[batch, seq, 4]``)."""
+    return _pair_forward(_fwd_kernel, x, y, inv_t, (), 4, DIV=divergence)
+
+
+def launch_backward(
+    x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float, divergence: int
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` (contiguous, in their dtypes)."""
+    return _pair_backward(_bwd_kernel, x, y, stats, grad, inv_t, DIV=divergence)
+
+
+def launch_joint_forward(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``[batch, seq, vocab]`` -> (float32 (KL, H(p), H(q)) ``[batch, seq, 3]``, float64 stats ``[batch, seq, 5]``)."""
+    return _pair_forward(_joint_fwd_kernel, x, y, inv_t, (3,), 5)
+
+
+def launch_joint_backward(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. ``x`` and ``y`` of ``sum(grad * (KL, H(p), H(q)))`` (contiguous, in their dtypes)."""
+    return _pair_backward(_joint_bwd_kernel, x, y, stats, grad, inv_t)
 
 
 def launch_entropy_forward(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     """``[batch, seq, vocab]`` -> (float32 entropy ``[batch, seq]``, float64 stats ``[batch, seq, 2]``)."""
-    x = _unit_vocab_stride(x)
+    x = unit_vocab_stride(x)
     batch, seq, vocab = x.shape
     out = torch.empty((batch, seq), dtype=torch.float32, device=x.device)
     stats = torch.empty((batch, seq, 2), dtype=torch.float64, device=x.device)
     if batch * seq == 0:
         return out, stats
     _entropy_fwd_kernel[(batch * seq,)](
-        x, out, stats, seq, vocab, x.stride(0), x.stride(1), inv_t, BLOCK=_block(vocab, _fwd_block()), num_warps=8
+        x, out, stats, seq, vocab, x.stride(0), x.stride(1), inv_t, BLOCK=_fwd_block(vocab), num_warps=8
     )
     return out, stats
 
 
 def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> Tensor:
     """Gradient w.r.t. ``x`` (contiguous, in its dtype)."""
-    x = _unit_vocab_stride(x)
+    x = unit_vocab_stride(x)
     batch, seq, vocab = x.shape
     gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
     if batch * seq == 0 or vocab == 0:
         return gx
-    block = _block(vocab, 256 if _interpreting() else 2048)
+    block = _bwd_block(vocab)
     _entropy_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
         x,
         stats.contiguous(),
@@ -143,61 +168,6 @@ def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float
         num_warps=8,
     )
     return gx
-
-
-def launch_joint_forward(x: Tensor, y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
-    """``[batch, seq, vocab]`` -> (float32 (KL, H(p), H(q)) ``[batch, seq, 3]``, float64 stats ``[batch, seq, 5]``)."""
-    x, y = _unit_vocab_stride(x), _unit_vocab_stride(y)
-    batch, seq, vocab = x.shape
-    out = torch.empty((batch, seq, 3), dtype=torch.float32, device=x.device)
-    stats = torch.empty((batch, seq, 5), dtype=torch.float64, device=x.device)
-    if batch * seq == 0:
-        return out, stats
-    _joint_fwd_kernel[(batch * seq,)](
-        x,
-        y,
-        out,
-        stats,
-        seq,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        inv_t,
-        BLOCK=_block(vocab, _fwd_block()),
-        num_warps=8,
-    )
-    return out, stats
-
-
-def launch_joint_backward(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. ``x`` and ``y`` of ``sum(grad * (KL, H(p), H(q)))`` (contiguous, in their dtypes)."""
-    x, y = _unit_vocab_stride(x), _unit_vocab_stride(y)
-    batch, seq, vocab = x.shape
-    gx = torch.empty((batch, seq, vocab), dtype=x.dtype, device=x.device)
-    gy = torch.empty((batch, seq, vocab), dtype=y.dtype, device=y.device)
-    if batch * seq == 0 or vocab == 0:
-        return gx, gy
-    block = _block(vocab, 256 if _interpreting() else 2048)
-    _joint_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
-        x,
-        y,
-        stats.contiguous(),
-        grad.contiguous(),
-        gx,
-        gy,
-        seq,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        inv_t,
-        BLOCK=block,
-        num_warps=8,
-    )
-    return gx, gy
 
 
 # ----------------------------------------------------------------------------- custom ops
