@@ -1,5 +1,5 @@
 """Shared by the ``"compile"`` and ``"cpu"`` backends: 2-D row views of ``[batch, seq, vocab]`` inputs
-and the float64 finalisation of the row maxima and sums both compute (`._compile`'s traced block
+and the float64 finalisation of the row maxima and sums both compute (`._compile_cores`' traced block
 reductions, `._cpu`'s C kernel) into values and the row statistics the backward reads.
 
 Plain torch (traced into a caller's ``torch.compile`` graph as part of either backend).

@@ -1,0 +1,226 @@
+"""The traced cores of the ``torch.compile`` backend (`._compile`): plain torch, no checks.
+
+Forward. Each row is cut into blocks of ``BLOCK`` vocabulary entries (a view, no copy) plus a tail.
+Per block the kernel computes, in float32, the block maxima and three sums
+
+    m_x = max x,  s_x = sum 2^{c (x - m_x)},  d = sum 2^{c (x - m_x)} (x - y),  m_y,  s_y = sum 2^{c (y - m_y)}
+
+with ``c = log2(e) / T``; a small combine step then rescales the block sums to the row maxima (the
+log-sum-exp merge ``s = sum_b s_b 2^{c (m_b - M)}``). Inductor turns the per-block reductions into one
+C++ loop nest whose outer loop runs over (row, block) and whose inner loops re-read a block from L1,
+so each input byte is read from memory once; the block statistics are ``5 / BLOCK`` of the input.
+``exp2`` instead of ``exp`` is deliberate: Inductor stores a reused ``exp`` result to memory on CPU
+(a full float32 copy of the input), while it recomputes ``exp2`` inside the loop.
+
+The other row quantities use the same blocks and merge. Hellinger keeps ``m_x, s_x, m_y, s_y`` and
+``b = sum sqrt(2^{c (x - m_x)} 2^{c (y - m_y)})`` (the Bhattacharyya sum at the shift
+``(m_x + m_y)/2``, a square root instead of a third exponential), rescaled by
+``2^{c ((m_x,b - M_x) + (m_y,b - M_y))/2}``. The entropy of one input keeps ``m, s`` and
+``d = sum 2^{c (x - m)} (x - m)``, merged as ``D = sum_b w_b (d_b + (m_b - M) s_b)``.
+
+Backward. One pointwise pass per element, from the row statistics the forward saved
+(``lse_x, lse_y, a_x, a_y``, see `._torch`): reads the inputs, writes the gradients.
+
+Inside a caller's own ``torch.compile`` these functions are traced into the caller's graph; otherwise
+`._compile` compiles one copy per (kind, dtype, quantity).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _rows, _torch
+
+BLOCK = 4096
+LOG2E = 1.4426950408889634
+_NEG_INF = -math.inf
+
+
+def _finite_or_zero(m: Tensor) -> Tensor:
+    return torch.where(m == _NEG_INF, 0.0, m)  # all -inf so far: keep exp2() finite (it gives 0)
+
+
+def _blocks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab > BLOCK]`` -> views ``[rows, nb, BLOCK]`` and the tail ``[rows, 1..BLOCK]`` (no copy).
+
+    ``nb >= 1`` full blocks plus a tail of 1 to ``BLOCK`` entries, so no part is ever empty (an empty
+    part would change the traced graph).
+    """
+    nb = (x.shape[-1] - 1) // BLOCK
+    return x[:, : nb * BLOCK].unflatten(-1, (nb, BLOCK)), x[:, nb * BLOCK :]
+
+
+def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Raw maxima and base-2 sums over the last axis of float32 blocks ``[..., n]``."""
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    ex = torch.exp2((x - _finite_or_zero(mx)) * c)
+    ey = torch.exp2((y - _finite_or_zero(my)) * c)
+    d = torch.where(x > _NEG_INF, ex * (x - y), 0.0).sum(-1)
+    return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
+
+
+def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row maximum of block maxima ``[rows, nb]`` and tail maxima ``[rows]``, the blocks' shifts to it
+    (0 for an all ``-inf`` block, whose sums are 0) and their weights ``2^{c shift}``."""
+    m = torch.maximum(m_b.amax(-1), m_t)
+    shift = torch.where(m_b > _NEG_INF, m_b - m.unsqueeze(-1), 0.0)
+    shift_t = torch.where(m_t > _NEG_INF, m_t - m, 0.0)
+    return m, shift, shift_t, torch.exp2(shift * c), torch.exp2(shift_t * c)
+
+
+def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 ``(lse_x, lse_y, sum_j p_j (x_j - y_j))`` of ``[rows, vocab]`` logits times ``inv_t`` (float64).
+
+    ``vocab > BLOCK``: full blocks plus a tail (`_blocks`); ``vocab <= BLOCK``: one block per row.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        mx, sx, d, my, sy = _block_stats(x.to(acc), y.to(acc), c)
+    else:
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _block_stats(xt.to(acc), yt.to(acc), c)
+        mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
+        my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
+        sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
+        d = (main[2] * wx).sum(-1) + tail[2] * wx_tail
+        sy = (main[4] * wy).sum(-1) + tail[4] * wy_tail
+    return _rows.finish_lse(mx, sx, d, my, sy, inv_t)
+
+
+def _hellinger_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Maxima, base-2 sums and ``b = sum sqrt(e_x e_y)`` (the Bhattacharyya sum at shift ``(m_x + m_y)/2``)."""
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    ex = torch.exp2((x - _finite_or_zero(mx)) * c)
+    ey = torch.exp2((y - _finite_or_zero(my)) * c)
+    return mx.squeeze(-1), ex.sum(-1), my.squeeze(-1), ey.sum(-1), torch.sqrt(ex * ey).sum(-1)
+
+
+def _hellinger_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 ``(lse_x, lse_y, lse((x + y)/2))`` of ``[rows, vocab]`` logits times ``inv_t``.
+
+    ``sqrt(e^{x - m_x} e^{y - m_y}) = e^{(x + y)/2 - (m_x + m_y)/2}``: a square root instead of a
+    third exponential, with the shift ``(m_x + m_y)/2`` (at least the maximum of ``(x + y)/2``).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        mx, sx, my, sy, b = _hellinger_block_stats(x.to(acc), y.to(acc), c)
+    else:
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _hellinger_block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _hellinger_block_stats(xt.to(acc), yt.to(acc), c)
+        mx, dx, dx_tail, wx, wx_tail = _merge(main[0], tail[0], c)
+        my, dy, dy_tail, wy, wy_tail = _merge(main[2], tail[2], c)
+        sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
+        sy = (main[3] * wy).sum(-1) + tail[3] * wy_tail
+        # the shift of b moves by the mean of the two maxima's moves (exactly dx for identical inputs)
+        b = (main[4] * torch.exp2(0.5 * (dx + dy) * c)).sum(-1) + tail[4] * torch.exp2(0.5 * (dx_tail + dy_tail) * c)
+    return _rows.finish_hellinger(mx, sx, my, sy, b, inv_t)
+
+
+def _entropy_block_stats(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Maximum ``m``, ``s = sum 2^{c (x - m)}`` and ``d = sum 2^{c (x - m)} (x - m)`` over the last axis."""
+    m = x.amax(-1, keepdim=True)
+    shifted = x - _finite_or_zero(m)
+    e = torch.exp2(shifted * c)
+    d = torch.where(x > _NEG_INF, e * shifted, 0.0).sum(-1)
+    return m.squeeze(-1), e.sum(-1), d
+
+
+def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab]`` -> (entropy ``[rows]``, float64 stats ``[rows, 2] = (lse, sum_j p_j x_j / T)``).
+
+    With the row maximum ``M``, ``S = sum e^{(x - M)/T}`` and ``D = sum e^{(x - M)/T} (x - M)``:
+    ``H = log S - D / (S T)``. Blocks are merged to the row maximum with
+    ``D = sum_b w_b (d_b + (m_b - M) s_b)``, ``w_b = e^{(m_b - M)/T}``.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        m, s, d = _entropy_block_stats(x.to(acc), c)
+    else:
+        xb, xt = _blocks(x)
+        main = _entropy_block_stats(xb.to(acc), c)
+        tail = _entropy_block_stats(xt.to(acc), c)
+        m, shift, shift_tail, w, w_tail = _merge(main[0], tail[0], c)
+        s = (main[1] * w).sum(-1) + tail[1] * w_tail
+        d = ((main[2] + shift * main[1]) * w).sum(-1) + (tail[2] + shift_tail * tail[1]) * w_tail
+    return _rows.finish_entropy(m, s, d, inv_t, acc)
+
+
+def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
+    """`_block_stats` plus each input's ``h = sum 2^{c (x - m)} (x - m)`` (the entropies' sums)."""
+    mx = x.amax(-1, keepdim=True)
+    my = y.amax(-1, keepdim=True)
+    sx_ = x - _finite_or_zero(mx)
+    sy_ = y - _finite_or_zero(my)
+    ex = torch.exp2(sx_ * c)
+    ey = torch.exp2(sy_ * c)
+    live_x = x > _NEG_INF
+    d = torch.where(live_x, ex * (x - y), 0.0).sum(-1)
+    hx = torch.where(live_x, ex * sx_, 0.0).sum(-1)
+    hy = torch.where(y > _NEG_INF, ey * sy_, 0.0).sum(-1)
+    return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1), hx, hy
+
+
+def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, vocab]`` -> (values ``[rows, 3]`` = (KL, H(p), H(q)), float64 stats ``[rows, 5]``).
+
+    One read of each input: the KL's block sums and each entropy's ``h`` (merged as in
+    `entropy_forward_core`); the stats are ``(lse_x, lse_y, a_x, b_x, b_y)`` (see `._torch`).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = (inv_t * LOG2E).to(acc)
+    if x.shape[-1] <= BLOCK:
+        mx, sx, d, my, sy, hx, hy = _joint_block_stats(x.to(acc), y.to(acc), c)
+    else:
+        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
+        main = _joint_block_stats(xb.to(acc), yb.to(acc), c)
+        tail = _joint_block_stats(xt.to(acc), yt.to(acc), c)
+        mx, shx, shx_t, wx, wx_t = _merge(main[0], tail[0], c)
+        my, shy, shy_t, wy, wy_t = _merge(main[3], tail[3], c)
+        sx = (main[1] * wx).sum(-1) + tail[1] * wx_t
+        d = (main[2] * wx).sum(-1) + tail[2] * wx_t
+        sy = (main[4] * wy).sum(-1) + tail[4] * wy_t
+        hx = ((main[5] + shx * main[1]) * wx).sum(-1) + (tail[5] + shx_t * tail[1]) * wx_t
+        hy = ((main[6] + shy * main[4]) * wy).sum(-1) + (tail[6] + shy_t * tail[4]) * wy_t
+    return _rows.finish_joint((mx, sx, d, my, sy, hx, hy), inv_t, acc)
+
+
+def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Pointwise gradients of ``sum(grad * (KL, H(p), H(q)))`` for ``[rows, vocab]`` logits, in their dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx, gy = _torch.joint_chunk_grads(x, y, stats, grad, inv_t.to(acc))
+    return gx.to(x.dtype), gy.to(y.dtype)
+
+
+def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
+    """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if divergence == "hellinger":
+        return _rows.finish_divergence(divergence, _hellinger_stats(x, y, inv_t), acc)
+    lse = _lse_stats(x, y, inv_t)
+    if divergence == "kl":
+        return _rows.finish_divergence(divergence, lse, acc)
+    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse[0], lse[1], inv_t.to(acc))
+    return _rows.finish_jsd(lse[0], lse[1], a_x, a_y, acc)
+
+
+def backward_core(
+    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor, divergence: str = "kl"
+) -> tuple[Tensor, Tensor]:
+    """Pointwise gradients of ``[rows, vocab]`` logits, in the inputs' dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), divergence)
+    return gx.to(x.dtype), gy.to(y.dtype)
+
+
+def entropy_backward_core(grad: Tensor, x: Tensor, stats: Tensor, inv_t: Tensor) -> Tensor:
+    """Pointwise entropy gradient of ``[rows, vocab]`` logits, in their dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _torch.entropy_chunk_grad(x, stats, grad, inv_t.to(acc)).to(x.dtype)
