@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _rows, _torch
+from ._chunks import compute_dtype
 from ._compile_cores import (
     BLOCK,
     backward_core,
@@ -130,7 +131,7 @@ def _call(kind: str, dtype: torch.dtype, op: str, *args: Tensor) -> Any:
 
 
 def _jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     return _torch.jsd_partial(x, y, lse_x, lse_y, inv_t.to(acc))
 
 
@@ -170,7 +171,7 @@ def _forward_rows(
     x = inputs[0]
     lead = x.shape[:-1]
     if lead.numel() == 0:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(x)
         return x.new_zeros((*lead, *values), dtype=acc), x.new_zeros((*lead, n_stats), dtype=torch.float64)
     inv_t = _scalar(1.0 / temperature, x)
     parts = [_call("forward", x.dtype, op, *rows, inv_t) for rows in _rows.row_views(*inputs)]

@@ -26,11 +26,13 @@ Inside a caller's own ``torch.compile`` these functions are traced into the call
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from . import _rows, _torch
+from ._chunks import compute_dtype
 
 BLOCK = 4096
 LOG2E = 1.4426950408889634
@@ -49,6 +51,32 @@ def _blocks(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     nb = (x.shape[-1] - 1) // BLOCK
     return x[:, : nb * BLOCK].unflatten(-1, (nb, BLOCK)), x[:, nb * BLOCK :]
+
+
+Stats = tuple[Tensor, ...]
+
+
+def _block_pass(
+    block_stats: Callable[..., Stats], inputs: tuple[Tensor, ...], inv_t: Tensor
+) -> tuple[Tensor, torch.dtype, Stats, Stats | None]:
+    """``block_stats`` of ``[rows, vocab]`` inputs in the accumulation dtype: over whole rows when
+    ``vocab <= BLOCK`` (no tail: ``None``), else over the full blocks and over the tail (`_blocks`).
+
+    Returns ``c = log2(e) / T``, the dtype, and the main and tail statistics.
+    """
+    acc = compute_dtype(inputs[0])
+    c = (inv_t * LOG2E).to(acc)
+    if inputs[0].shape[-1] <= BLOCK:
+        return c, acc, block_stats(*(t.to(acc) for t in inputs), c), None
+    parts = [_blocks(t) for t in inputs]
+    main = block_stats(*(b.to(acc) for b, _ in parts), c)
+    tail = block_stats(*(t.to(acc) for _, t in parts), c)
+    return c, acc, main, tail
+
+
+def _rescaled(main: Tensor, tail: Tensor, w: Tensor, w_tail: Tensor) -> Tensor:
+    """A block sum moved to the row maximum: ``sum_b main_b w_b + tail w_tail``."""
+    return (main * w).sum(-1) + tail * w_tail
 
 
 def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -75,19 +103,15 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
 
     ``vocab > BLOCK``: full blocks plus a tail (`_blocks`); ``vocab <= BLOCK``: one block per row.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = (inv_t * LOG2E).to(acc)
-    if x.shape[-1] <= BLOCK:
-        mx, sx, d, my, sy = _block_stats(x.to(acc), y.to(acc), c)
+    c, _, main, tail = _block_pass(_block_stats, (x, y), inv_t)
+    if tail is None:
+        mx, sx, d, my, sy = main
     else:
-        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
-        main = _block_stats(xb.to(acc), yb.to(acc), c)
-        tail = _block_stats(xt.to(acc), yt.to(acc), c)
         mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
         my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
-        sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
-        d = (main[2] * wx).sum(-1) + tail[2] * wx_tail
-        sy = (main[4] * wy).sum(-1) + tail[4] * wy_tail
+        sx = _rescaled(main[1], tail[1], wx, wx_tail)
+        d = _rescaled(main[2], tail[2], wx, wx_tail)
+        sy = _rescaled(main[4], tail[4], wy, wy_tail)
     return _rows.finish_lse(mx, sx, d, my, sy, inv_t)
 
 
@@ -106,20 +130,16 @@ def _hellinger_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tenso
     ``sqrt(e^{x - m_x} e^{y - m_y}) = e^{(x + y)/2 - (m_x + m_y)/2}``: a square root instead of a
     third exponential, with the shift ``(m_x + m_y)/2`` (at least the maximum of ``(x + y)/2``).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = (inv_t * LOG2E).to(acc)
-    if x.shape[-1] <= BLOCK:
-        mx, sx, my, sy, b = _hellinger_block_stats(x.to(acc), y.to(acc), c)
+    c, _, main, tail = _block_pass(_hellinger_block_stats, (x, y), inv_t)
+    if tail is None:
+        mx, sx, my, sy, b = main
     else:
-        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
-        main = _hellinger_block_stats(xb.to(acc), yb.to(acc), c)
-        tail = _hellinger_block_stats(xt.to(acc), yt.to(acc), c)
         mx, dx, dx_tail, wx, wx_tail = _merge(main[0], tail[0], c)
         my, dy, dy_tail, wy, wy_tail = _merge(main[2], tail[2], c)
-        sx = (main[1] * wx).sum(-1) + tail[1] * wx_tail
-        sy = (main[3] * wy).sum(-1) + tail[3] * wy_tail
+        sx = _rescaled(main[1], tail[1], wx, wx_tail)
+        sy = _rescaled(main[3], tail[3], wy, wy_tail)
         # the shift of b moves by the mean of the two maxima's moves (exactly dx for identical inputs)
-        b = (main[4] * torch.exp2(0.5 * (dx + dy) * c)).sum(-1) + tail[4] * torch.exp2(0.5 * (dx_tail + dy_tail) * c)
+        b = _rescaled(main[4], tail[4], torch.exp2(0.5 * (dx + dy) * c), torch.exp2(0.5 * (dx_tail + dy_tail) * c))
     return _rows.finish_hellinger(mx, sx, my, sy, b, inv_t)
 
 
@@ -139,17 +159,13 @@ def entropy_forward_core(x: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
     ``H = log S - D / (S T)``. Blocks are merged to the row maximum with
     ``D = sum_b w_b (d_b + (m_b - M) s_b)``, ``w_b = e^{(m_b - M)/T}``.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = (inv_t * LOG2E).to(acc)
-    if x.shape[-1] <= BLOCK:
-        m, s, d = _entropy_block_stats(x.to(acc), c)
+    c, acc, main, tail = _block_pass(_entropy_block_stats, (x,), inv_t)
+    if tail is None:
+        m, s, d = main
     else:
-        xb, xt = _blocks(x)
-        main = _entropy_block_stats(xb.to(acc), c)
-        tail = _entropy_block_stats(xt.to(acc), c)
         m, shift, shift_tail, w, w_tail = _merge(main[0], tail[0], c)
-        s = (main[1] * w).sum(-1) + tail[1] * w_tail
-        d = ((main[2] + shift * main[1]) * w).sum(-1) + (tail[2] + shift_tail * tail[1]) * w_tail
+        s = _rescaled(main[1], tail[1], w, w_tail)
+        d = _rescaled(main[2] + shift * main[1], tail[2] + shift_tail * tail[1], w, w_tail)
     return _rows.finish_entropy(m, s, d, inv_t, acc)
 
 
@@ -174,34 +190,30 @@ def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Ten
     One read of each input: the KL's block sums and each entropy's ``h`` (merged as in
     `entropy_forward_core`); the stats are ``(lse_x, lse_y, a_x, b_x, b_y)`` (see `._torch`).
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = (inv_t * LOG2E).to(acc)
-    if x.shape[-1] <= BLOCK:
-        mx, sx, d, my, sy, hx, hy = _joint_block_stats(x.to(acc), y.to(acc), c)
+    c, acc, main, tail = _block_pass(_joint_block_stats, (x, y), inv_t)
+    if tail is None:
+        mx, sx, d, my, sy, hx, hy = main
     else:
-        (xb, xt), (yb, yt) = _blocks(x), _blocks(y)
-        main = _joint_block_stats(xb.to(acc), yb.to(acc), c)
-        tail = _joint_block_stats(xt.to(acc), yt.to(acc), c)
         mx, shx, shx_t, wx, wx_t = _merge(main[0], tail[0], c)
         my, shy, shy_t, wy, wy_t = _merge(main[3], tail[3], c)
-        sx = (main[1] * wx).sum(-1) + tail[1] * wx_t
-        d = (main[2] * wx).sum(-1) + tail[2] * wx_t
-        sy = (main[4] * wy).sum(-1) + tail[4] * wy_t
-        hx = ((main[5] + shx * main[1]) * wx).sum(-1) + (tail[5] + shx_t * tail[1]) * wx_t
-        hy = ((main[6] + shy * main[4]) * wy).sum(-1) + (tail[6] + shy_t * tail[4]) * wy_t
+        sx = _rescaled(main[1], tail[1], wx, wx_t)
+        d = _rescaled(main[2], tail[2], wx, wx_t)
+        sy = _rescaled(main[4], tail[4], wy, wy_t)
+        hx = _rescaled(main[5] + shx * main[1], tail[5] + shx_t * tail[1], wx, wx_t)
+        hy = _rescaled(main[6] + shy * main[4], tail[6] + shy_t * tail[4], wy, wy_t)
     return _rows.finish_joint((mx, sx, d, my, sy, hx, hy), inv_t, acc)
 
 
 def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
     """Pointwise gradients of ``sum(grad * (KL, H(p), H(q)))`` for ``[rows, vocab]`` logits, in their dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     gx, gy = _torch.joint_chunk_grads(x, y, stats, grad, inv_t.to(acc))
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     if divergence == "hellinger":
         return _rows.finish_divergence(divergence, _hellinger_stats(x, y, inv_t), acc)
     lse = _lse_stats(x, y, inv_t)
@@ -215,12 +227,12 @@ def backward_core(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
     """Pointwise gradients of ``[rows, vocab]`` logits, in the inputs' dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), divergence)
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
 def entropy_backward_core(grad: Tensor, x: Tensor, stats: Tensor, inv_t: Tensor) -> Tensor:
     """Pointwise entropy gradient of ``[rows, vocab]`` logits, in their dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     return _torch.entropy_chunk_grad(x, stats, grad, inv_t.to(acc)).to(x.dtype)

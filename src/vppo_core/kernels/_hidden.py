@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._chunks import compute_dtype
 from ._torch import hellinger_value
 
 ForwardFn = Callable[[Tensor, Tensor, float, str], tuple[Tensor, Tensor]]
@@ -75,7 +76,7 @@ def forward(
     vocab_chunk: int,
 ) -> tuple[Tensor, Tensor]:
     """``[tokens, hidden]`` x2, ``[vocab, hidden]`` -> (value ``[tokens]``, stats ``[tokens, 4]``)."""
-    acc = torch.float64 if hx.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(hx)
     tokens, vocab = hx.shape[0], weight.shape[0]
     values = torch.empty(tokens, dtype=acc, device=hx.device)
     stats = torch.zeros(tokens, 4, dtype=torch.float64, device=hx.device)  # merged in float64
@@ -126,7 +127,7 @@ def backward(
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients w.r.t. ``hx``, ``hy`` and ``weight`` (``None`` where not needed), in their dtypes."""
-    acc = torch.float64 if hx.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(hx)
     tokens = hx.shape[0]
     need_hx, need_hy, need_w = needs
     dhx = torch.zeros(hx.shape, dtype=acc, device=hx.device) if need_hx else None
