@@ -48,6 +48,14 @@ def as_bool_mask(mask: Tensor, name: str = "response_mask") -> Tensor:
     return mask != 0
 
 
+def valid_rows(values: Tensor, valid: Tensor | None) -> Tensor:
+    """``valid`` as a bool mask on ``values``' device (checked), or all true when ``valid`` is ``None``."""
+    if valid is None:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    check_same_device(values=values, valid=valid)
+    return as_bool_mask(valid, "valid")
+
+
 def result_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32: results never come back in bf16/fp16."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):

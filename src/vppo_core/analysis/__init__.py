@@ -25,8 +25,9 @@ Besides the package's axis names (``batch``, ``seq``, ``group``), shapes here us
 """
 
 from ..advantages import trajectory_dependency
+from ._groups import GroupSpread, group_spread
 from ._histogram import histogram_counts, histogram_edges
-from ._stats import GroupSpread, fraction_above, gini, group_spread, top_share, trajectory_quantiles
+from ._stats import fraction_above, gini, top_share, trajectory_quantiles
 from .accumulator import DependencyAccumulator
 from .plots import plot_histogram, plot_token_distribution, plot_token_strip, plot_trajectory_distribution
 

@@ -1,6 +1,7 @@
 """Histograms with fixed edges: integer counts that add up across steps and ranks."""
 
 import math
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int64, Shaped
@@ -130,3 +131,26 @@ def histogram_counts(
     index = torch.bucketize(values, edges.to(torch.float64), right=True)
     weight = (valid.reshape(-1) & ~values.isnan()).long()
     return torch.zeros(edges.shape[0] + 1, dtype=torch.int64, device=edges.device).index_add(0, index, weight)
+
+
+def histogram_quantile(counts: Sequence[int], edges: Sequence[float], lo: float, hi: float, q: float) -> float:
+    """Quantile ``q`` of a histogram with under/overflow, by linear interpolation inside one bin.
+
+    The target rank ``q * N`` falls in the first bin whose cumulative count reaches it; the value
+    moves through that bin in proportion. Bin bounds are clipped to the exact extrema ``[lo, hi]``
+    (which also bound the under- and overflow bins).
+    """
+    total = sum(counts)
+    if total == 0 or math.isnan(lo) or math.isnan(hi):
+        return float("nan")
+    target = q * total
+    cumulative = 0
+    for j, c in enumerate(counts):
+        if c == 0 or cumulative + c < target:
+            cumulative += c
+            continue
+        left = lo if j == 0 else max(edges[j - 1], lo)
+        right = hi if j == len(counts) - 1 else min(edges[j], hi)
+        frac = min(max((target - cumulative) / c, 0.0), 1.0)
+        return min(max(left + frac * (right - left), lo), hi)
+    return hi

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from .._checks import as_bool_mask, check_fraction, check_same_device, result_dtype, typechecked
 from ..distributed import ProcessGroupLike, resolve_group
-from ._histogram import check_edges, histogram_counts, histogram_edges
-from ._stats import gini, group_spread, levels, top_share
+from ._groups import group_spread
+from ._histogram import check_edges, histogram_counts, histogram_edges, histogram_quantile
+from ._stats import gini, levels, top_share
 
 __all__ = ["DependencyAccumulator"]
 
@@ -348,7 +349,7 @@ class DependencyAccumulator:
         out.update({"token/mean": mean, "token/std": std, "token/min": tmin, "token/max": tmax})
         edges = acc.token_edges.cpu().tolist()
         for q in self.quantiles:
-            value = _histogram_quantile(ints["token_hist"], edges, tmin, tmax, q)
+            value = histogram_quantile(ints["token_hist"], edges, tmin, tmax, q)
             out[f"token/p{_tag(q)}"] = nan if poisoned else value
         for c, above in zip(self.thresholds, ints["token_above"]):
             out[f"token/frac_above_{c:g}"] = nan if poisoned or n_tok == 0 else above / n_tok
@@ -361,7 +362,7 @@ class DependencyAccumulator:
         out.update({"trajectory/mean": mean, "trajectory/std": std, "trajectory/min": jmin, "trajectory/max": jmax})
         edges = acc.trajectory_edges.cpu().tolist()
         for q in self.quantiles:
-            value = _histogram_quantile(ints["traj_hist"], edges, jmin, jmax, q)
+            value = histogram_quantile(ints["traj_hist"], edges, jmin, jmax, q)
             out[f"trajectory/p{_tag(q)}"] = nan if poisoned else value
         for k, total in zip(self.top_fractions, floats["traj_share"]):
             out[f"trajectory/top{_tag(k)}_share"] = total / n_traj if n_traj else nan
@@ -395,26 +396,3 @@ def _mean_std(n: int, total: float, total_sq: float) -> tuple[float, float]:
 
 def _extremum(n: int, value: float) -> float:
     return value if n else float("nan")
-
-
-def _histogram_quantile(counts: Sequence[int], edges: Sequence[float], lo: float, hi: float, q: float) -> float:
-    """Quantile ``q`` of a histogram with under/overflow, by linear interpolation inside one bin.
-
-    The target rank ``q * N`` falls in the first bin whose cumulative count reaches it; the value
-    moves through that bin in proportion. Bin bounds are clipped to the exact extrema ``[lo, hi]``
-    (which also bound the under- and overflow bins).
-    """
-    total = sum(counts)
-    if total == 0 or math.isnan(lo) or math.isnan(hi):
-        return float("nan")
-    target = q * total
-    cumulative = 0
-    for j, c in enumerate(counts):
-        if c == 0 or cumulative + c < target:
-            cumulative += c
-            continue
-        left = lo if j == 0 else max(edges[j - 1], lo)
-        right = hi if j == len(counts) - 1 else min(edges[j], hi)
-        frac = min(max((target - cumulative) / c, 0.0), 1.0)
-        return min(max(left + frac * (right - left), lo), hi)
-    return hi
