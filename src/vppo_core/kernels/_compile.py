@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _rows, _torch
+from ._alloc import empty_grad
 from ._chunks import compute_dtype
 from ._compile_cores import (
     BLOCK,
@@ -83,30 +84,32 @@ def _forward_hellinger(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Ten
     return forward_core(x, y, inv_t, "hellinger")
 
 
-def _backward_kl(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return backward_core(grad, x, y, stats, inv_t, "kl")
-
-
-def _backward_jsd(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return backward_core(grad, x, y, stats, inv_t, "jsd")
-
-
-def _backward_hellinger(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return backward_core(grad, x, y, stats, inv_t, "hellinger")
-
-
-_CORES: dict[tuple[str, str], Callable[..., Any]] = {
-    ("forward", "kl"): _forward_kl,
-    ("forward", "jsd"): _forward_jsd,
-    ("forward", "hellinger"): _forward_hellinger,
-    ("forward", "entropy"): entropy_forward_core,
-    ("backward", "kl"): _backward_kl,
-    ("backward", "jsd"): _backward_jsd,
-    ("backward", "hellinger"): _backward_hellinger,
-    ("backward", "entropy"): entropy_backward_core,
-    ("forward", "joint"): joint_forward_core,
-    ("backward", "joint"): joint_backward_core,
+_FORWARD: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "kl": _forward_kl,
+    "jsd": _forward_jsd,
+    "hellinger": _forward_hellinger,
+    "entropy": entropy_forward_core,
+    "joint": joint_forward_core,
 }
+
+
+def _backward_pure(
+    op: str, grad: Tensor, inputs: tuple[Tensor, ...], stats: Tensor, inv_t: Tensor
+) -> tuple[Tensor, ...]:
+    """The gradients of ``op`` w.r.t. each of the ``[rows, vocab]`` ``inputs``, as new tensors."""
+    if op == "entropy":
+        return (entropy_backward_core(grad, *inputs, stats, inv_t),)
+    if op == "joint":
+        return joint_backward_core(grad, *inputs, stats, inv_t)
+    return backward_core(grad, *inputs, stats, inv_t, op)
+
+
+def _backward_into(
+    op: str, outs: tuple[Tensor, ...], grad: Tensor, inputs: tuple[Tensor, ...], stats: Tensor, inv_t: Tensor
+) -> None:
+    """`_backward_pure` written into ``outs``: compiled, the pointwise pass stores straight into them."""
+    for out, g in zip(outs, _backward_pure(op, grad, inputs, stats, inv_t)):
+        out.copy_(g)
 
 
 @functools.cache
@@ -116,17 +119,16 @@ def _compiled(kind: str, dtype: torch.dtype, op: str) -> Callable[..., Any]:
     Dynamo keeps its graphs (and its recompile limit) per code object, so each variant gets a copy
     of the core's code object: a new dtype never evicts another dtype's graphs.
     """
-    core = _CORES["forward" if kind == "forward_small" else kind, op]
+    core = _backward_into if kind == "backward" else _FORWARD[op]
     tag = f"{core.__name__}_{kind}_{str(dtype).removeprefix('torch.')}"
     clone = types.FunctionType(core.__code__.replace(co_name=tag), core.__globals__, tag)
     return torch.compile(clone, dynamic=True, fullgraph=True, options=_options())
 
 
-def _call(kind: str, dtype: torch.dtype, op: str, *args: Tensor) -> Any:
+def _call_forward(dtype: torch.dtype, op: str, *args: Tensor) -> tuple[Tensor, Tensor]:
     if torch.compiler.is_compiling():  # inside the caller's torch.compile: trace the plain function
-        return _CORES[kind, op](*args)
-    if kind == "forward" and args[0].shape[-1] <= BLOCK:  # a separate graph for the one-block case
-        return _compiled("forward_small", dtype, op)(*args)
+        return _FORWARD[op](*args)
+    kind = "forward_small" if args[0].shape[-1] <= BLOCK else "forward"  # a separate graph for one block
     return _compiled(kind, dtype, op)(*args)
 
 
@@ -174,7 +176,7 @@ def _forward_rows(
         acc = compute_dtype(x)
         return x.new_zeros((*lead, *values), dtype=acc), x.new_zeros((*lead, n_stats), dtype=torch.float64)
     inv_t = _scalar(1.0 / temperature, x)
-    parts = [_call("forward", x.dtype, op, *rows, inv_t) for rows in _rows.row_views(*inputs)]
+    parts = [_call_forward(x.dtype, op, *rows, inv_t) for rows in _rows.row_views(*inputs)]
     if len(parts) == 1:
         value, stats = parts[0]
     else:
@@ -185,22 +187,31 @@ def _forward_rows(
 def _backward_rows(
     op: str, grad: Tensor, inputs: tuple[Tensor, ...], stats: Tensor, temperature: float
 ) -> tuple[Tensor, ...]:
-    """The compiled backward of ``op``: the gradients w.r.t. each of ``inputs``, in their dtypes."""
+    """The compiled backward of ``op``: the gradients w.r.t. each of ``inputs``, in their dtypes.
+
+    Outside a caller's ``torch.compile`` the gradients are allocated here (`._alloc.empty_grad`:
+    huge pages on the CPU) and the compiled pass writes into them, one row view at a time.
+    """
     x = inputs[0]
     if x.numel() == 0:
         return tuple(torch.zeros_like(t) for t in inputs)
     inv_t = _scalar(1.0 / temperature, x)
     views = _rows.row_views(*inputs)
-
-    def run(g: Tensor, rows: tuple[Tensor, ...], s: Tensor) -> tuple[Tensor, ...]:
-        out = _call("backward", x.dtype, op, g, *rows, s, inv_t)
-        return out if isinstance(out, tuple) else (out,)
-
+    if torch.compiler.is_compiling():  # trace the plain functions into the caller's graph
+        if len(views) == 1:
+            flat = (grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]), inv_t)
+            return tuple(g.view(t.shape) for g, t in zip(_backward_pure(op, *flat), inputs))
+        per_batch = [_backward_pure(op, grad[b], rows, stats[b], inv_t) for b, rows in enumerate(views)]
+        return tuple(torch.stack(gs) for gs in zip(*per_batch))
+    run = _compiled("backward", x.dtype, op)
+    outs = tuple(empty_grad(t) for t in inputs)
     if len(views) == 1:
-        grads = run(grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]))
-        return tuple(g.view(t.shape) for g, t in zip(grads, inputs))
-    per_batch = [run(grad[b], rows, stats[b]) for b, rows in enumerate(views)]
-    return tuple(torch.stack(gs) for gs in zip(*per_batch))
+        flat_outs = tuple(o.view(-1, o.shape[-1]).detach() for o in outs)  # detached: no _base guards
+        run(op, flat_outs, grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]), inv_t)
+    else:
+        for b, rows in enumerate(views):
+            run(op, tuple(o[b].detach() for o in outs), grad[b], rows, stats[b], inv_t)
+    return outs
 
 
 def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") -> tuple[Tensor, Tensor]:
