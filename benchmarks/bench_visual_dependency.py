@@ -25,6 +25,10 @@ same three values from ``visual_dependency`` and two ``token_entropy`` calls, co
 ``separate-cpu`` with the cpu backend, ``separate-triton`` on CUDA) and ``naive`` (``log_softmax`` of
 both, then the three sums).
 
+Group ``sliced``: ``logits[:, :-1]`` of ``[4, 513, vocab]`` fp32 logits, the usual way to drop the
+last position, whose rows do not flatten to one 2-D view (``naive``, ``compile``, ``cpu``,
+``triton`` and their ``+bwd``).
+
 Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]`` weight:
 ``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
 materialising the logits, nothing else).
@@ -353,6 +357,34 @@ def test_other(
         {"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider, "quantity": quantity}
     )
     nbytes = (1 if quantity == "entropy" else 2) * x.numel() * x.element_size()
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+
+
+# ----------------------------------------------------------------------------- sliced logits, batch > 1
+
+SLICED_BATCH, SLICED_SEQ = 4, 512
+SLICED_CASES = [
+    p
+    for p in ("naive", "compile", "compile+bwd", "cpu", "cpu+bwd", "triton", "triton+bwd")
+    if not (p in GPU_ONLY and not CUDA) and not (p in CPU_ONLY and CUDA)
+]
+
+
+@pytest.mark.parametrize("provider", SLICED_CASES)
+def test_sliced(benchmark: Any, bandwidth: dict[str, float], provider: str) -> None:
+    """``logits[:, :-1]`` of ``[4, 513, vocab]`` fp32 logits: rows that do not flatten to one 2-D view
+    (the fused backends run them per batch element, read in place)."""
+    tokens = SLICED_BATCH * SLICED_SEQ
+    need = extra_bytes_estimate(provider, tokens, torch.float32)
+    if need > 0.85 * available_bytes():
+        pytest.skip(f"needs ~{need / GiB:.1f} GiB, more than this machine has available")
+    full_x, full_y = inputs(SLICED_BATCH * (SLICED_SEQ + 1), torch.float32)
+    x = full_x.view(SLICED_BATCH, SLICED_SEQ + 1, VOCAB)[:, :-1]
+    y = full_y.view(SLICED_BATCH, SLICED_SEQ + 1, VOCAB)[:, :-1]
+    fn = PROVIDERS[provider]
+    benchmark.group = f"sliced {SLICED_BATCH}x{SLICED_SEQ}x{VOCAB} fp32, logits[:, :-1]"
+    benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": "fp32", "provider": provider})
+    nbytes = 2 * x.numel() * x.element_size()
     _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
 
 

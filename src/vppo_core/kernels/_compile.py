@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from . import _rows, _torch
-from ._alloc import empty_grad
 from ._chunks import compute_dtype
 from ._compile_cores import (
     BLOCK,
@@ -184,13 +183,19 @@ def _forward_rows(
     return value.view(*lead, *values), stats.view(*lead, n_stats)
 
 
+def _new_grads(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Contiguous uninitialised gradients shaped like ``inputs``, for the compiled backward to fill."""
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs)
+
+
 def _backward_rows(
     op: str, grad: Tensor, inputs: tuple[Tensor, ...], stats: Tensor, temperature: float
 ) -> tuple[Tensor, ...]:
     """The compiled backward of ``op``: the gradients w.r.t. each of ``inputs``, in their dtypes.
 
-    Outside a caller's ``torch.compile`` the gradients are allocated here (`._alloc.empty_grad`:
-    huge pages on the CPU) and the compiled pass writes into them, one row view at a time.
+    Outside a caller's ``torch.compile`` the gradients are allocated here (`_new_grads`) and the
+    compiled pass writes into them, one row view at a time: rows that do not flatten to one 2-D view
+    fill slices of the same buffers, with no per-batch gradients to stack.
     """
     x = inputs[0]
     if x.numel() == 0:
@@ -204,7 +209,7 @@ def _backward_rows(
         per_batch = [_backward_pure(op, grad[b], rows, stats[b], inv_t) for b, rows in enumerate(views)]
         return tuple(torch.stack(gs) for gs in zip(*per_batch))
     run = _compiled("backward", x.dtype, op)
-    outs = tuple(empty_grad(t) for t in inputs)
+    outs = _new_grads(inputs)
     if len(views) == 1:
         flat_outs = tuple(o.view(-1, o.shape[-1]).detach() for o in outs)  # detached: no _base guards
         run(op, flat_outs, grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]), inv_t)

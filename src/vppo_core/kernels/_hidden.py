@@ -28,7 +28,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._alloc import empty_grad
 from ._chunks import compute_dtype
 from ._torch import hellinger_value
 
@@ -133,7 +132,7 @@ def backward(
     need_hx, need_hy, need_w = needs
     dhx = torch.zeros(hx.shape, dtype=acc, device=hx.device) if need_hx else None
     dhy = torch.zeros(hy.shape, dtype=acc, device=hy.device) if need_hy else None
-    dw = empty_grad(weight) if need_w else None
+    dw = torch.empty_like(weight) if need_w else None
     live = (grad != 0).unsqueeze(-1)
     # Zero padded rows once, so that no NaN there reaches dW through 0 * NaN.
     hx_safe = torch.where(live, hx, 0.0) if need_w else hx

@@ -41,7 +41,6 @@ import math
 import torch
 from torch import Tensor
 
-from ._alloc import empty_grad
 from ._chunks import compute_dtype, default_chunk_rows, flatten_if_free, row_chunks
 
 DIVERGENCES = ("kl", "jsd", "hellinger")  # reverse_kl is kl with the arguments swapped (done by the caller)
@@ -192,8 +191,8 @@ def backward(
     chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``sum(grad * D)`` w.r.t. the logits ``x`` and ``y``, in their dtypes."""
-    grad_x = empty_grad(x)
-    grad_y = empty_grad(y)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
     for b, rows in row_chunks(x.shape, chunk_rows):
         grad_x[b, rows], grad_y[b, rows] = chunk_grads(
@@ -253,7 +252,7 @@ def entropy_backward(
     grad: Tensor, x: Tensor, stats: Tensor, temperature: float, chunk_rows: int | None = None
 ) -> Tensor:
     """Gradient of ``sum(grad * H)`` w.r.t. ``[batch, seq, vocab]`` logits, in their dtype."""
-    grad_x = empty_grad(x)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     xf = flatten_if_free(x)
     gf, sf, of = grad.reshape(xf.shape[:-1]), stats.reshape(*xf.shape[:-1], 2), grad_x.view(xf.shape)
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[-1])
@@ -330,8 +329,8 @@ def joint_backward(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, chunk_rows: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``x`` and ``y`` of ``sum(grad * (KL, H(p), H(q)))``, ``grad`` ``[batch, seq, 3]``."""
-    grad_x = empty_grad(x)
-    grad_y = empty_grad(y)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     for b, rows in row_chunks(x.shape, chunk_rows or default_chunk_rows(x.shape[-1])):
         grad_x[b, rows], grad_y[b, rows] = joint_chunk_grads(
             x[b, rows], y[b, rows], stats[b, rows], grad[b, rows], 1.0 / temperature
