@@ -54,3 +54,23 @@ def test_compiled_backward_fills_the_buffers_it_allocated(monkeypatch, layout):
         assert all(g.is_contiguous() and g.shape == x.shape and g.dtype == x.dtype for g in got), op.__name__
         for g, e in zip(got, grads(op("torch"), *inputs)):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_per_batch_rows_inside_user_compile_are_traced(monkeypatch):
+    """Inside a caller's ``torch.compile`` the backward is traced into the caller's graph: no buffers of
+    ours, and sliced rows (per-batch views) get the torch backend's gradients."""
+    monkeypatch.setattr(_compile, "_new_grads", lambda inputs: pytest.fail("allocated while tracing"))
+    full_x, full_y = torch.randn(3, 9, 600) * 2, torch.randn(3, 9, 600)
+    x, y = full_x[:, :-1], full_y[:, :-1]
+    weights = torch.linspace(0.5, 1.5, 8)
+
+    def step(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+        return (visual_dependency(a, b, temperature=0.8, backend=backend) * weights).sum()
+
+    got = grads(lambda a, b: torch.compile(step, fullgraph=True)(a, b, "compile"), x, y)
+    eager = grads(lambda a, b: step(a, b, "torch"), x, y)
+    exact = grads(lambda a, b: step(a, b, "torch"), x.double(), y.double())  # float64 reference
+    for g, e, r in zip(got, eager, exact):
+        err, err_eager = (g.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert err <= err_eager + 1e-6, (err, err_eager)  # no worse than eager float32, as in test_kernels
