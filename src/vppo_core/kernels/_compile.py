@@ -119,7 +119,11 @@ def _compiled(kind: str, dtype: torch.dtype, op: str) -> Callable[..., Any]:
     of the core's code object: a new dtype never evicts another dtype's graphs.
     """
     core = _backward_into if kind == "backward" else _FORWARD[op]
-    tag = f"{core.__name__}_{kind}_{str(dtype).removeprefix('torch.')}"
+    return _compile_copy(core, f"_{kind}_{op}_{str(dtype).removeprefix('torch.')}")
+
+
+def _compile_copy(core: Callable[..., Any], tag: str) -> Callable[..., Any]:
+    """``torch.compile`` of a copy of ``core``'s code object named ``tag`` (its own Dynamo cache)."""
     clone = types.FunctionType(core.__code__.replace(co_name=tag), core.__globals__, tag)
     return torch.compile(clone, dynamic=True, fullgraph=True, options=_options())
 
@@ -138,10 +142,7 @@ def _jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t:
 
 @functools.cache
 def _compiled_jsd_partial(dtype: torch.dtype) -> Callable[..., tuple[Tensor, Tensor]]:
-    tag = f"_jsd_partial_{str(dtype).removeprefix('torch.')}"
-    core = _jsd_partial_core
-    clone = types.FunctionType(core.__code__.replace(co_name=tag), core.__globals__, tag)
-    return torch.compile(clone, dynamic=True, fullgraph=True, options=_options())
+    return _compile_copy(_jsd_partial_core, f"_jsd_partial_{str(dtype).removeprefix('torch.')}")
 
 
 def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
@@ -202,20 +203,22 @@ def _backward_rows(
         return tuple(torch.zeros_like(t) for t in inputs)
     inv_t = _scalar(1.0 / temperature, x)
     views = _rows.row_views(*inputs)
+    flat = len(views) == 1
+    pieces = (  # (upstream gradient, input rows, stats) of each row view
+        [(grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]))]
+        if flat
+        else [(grad[b], rows, stats[b]) for b, rows in enumerate(views)]
+    )
     if torch.compiler.is_compiling():  # trace the plain functions into the caller's graph
-        if len(views) == 1:
-            flat = (grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]), inv_t)
-            return tuple(g.view(t.shape) for g, t in zip(_backward_pure(op, *flat), inputs))
-        per_batch = [_backward_pure(op, grad[b], rows, stats[b], inv_t) for b, rows in enumerate(views)]
-        return tuple(torch.stack(gs) for gs in zip(*per_batch))
+        per_piece = [_backward_pure(op, g, rows, s, inv_t) for g, rows, s in pieces]
+        if flat:
+            return tuple(g.view(t.shape) for g, t in zip(per_piece[0], inputs))
+        return tuple(torch.stack(gs) for gs in zip(*per_piece))
     run = _compiled("backward", x.dtype, op)
     outs = _new_grads(inputs)
-    if len(views) == 1:
-        flat_outs = tuple(o.view(-1, o.shape[-1]).detach() for o in outs)  # detached: no _base guards
-        run(op, flat_outs, grad.reshape(-1, *grad.shape[2:]), views[0], stats.reshape(-1, stats.shape[-1]), inv_t)
-    else:
-        for b, rows in enumerate(views):
-            run(op, tuple(o[b].detach() for o in outs), grad[b], rows, stats[b], inv_t)
+    for i, (g, rows, s) in enumerate(pieces):
+        targets = tuple((o.view(-1, o.shape[-1]) if flat else o[i]).detach() for o in outs)  # no _base guards
+        run(op, targets, g, rows, s, inv_t)
     return outs
 
 
