@@ -1,6 +1,9 @@
 """Shared test configuration: hypothesis profiles and small helpers."""
 
+import ctypes
+import ctypes.util
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +23,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_subnormals() -> None:
+    """Undo a flush-to-zero switch left by an earlier test in this process.
+
+    torch 2.4's Inductor links its CPU kernels with ``-ffast-math``: loading one switches the thread to
+    flush subnormals to zero. The tests' oracles (and hypothesis, which refuses to draw floats then)
+    assume IEEE arithmetic, so the default floating-point environment is restored (glibc's
+    ``fesetenv(FE_DFL_ENV)``, ``FE_DFL_ENV`` being ``(const fenv_t *) -1``).
+    """
+    if sys.float_info.min / 2 == 0.0 and _LIBM is not None:
+        _LIBM.fesetenv(ctypes.c_void_p(-1))
+
+
+_LIBM = ctypes.CDLL(ctypes.util.find_library("m")) if sys.platform == "linux" else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -260,7 +260,7 @@ def _finish(
     with torch.no_grad():
         n_valid = valid.sum().clamp_min(1).to(lp.dtype)
 
-        def frac(flags: Tensor | None) -> Tensor:
+        def frac(flags):  # unannotated: Dynamo of torch 2.4 cannot build a `Tensor | None` in a trace
             return lp.new_zeros(()) if flags is None else (flags & valid).sum().to(lp.dtype) / n_valid
 
         kept = valid if token_mask is None else valid & as_bool_mask(token_mask, "token_mask")

@@ -31,13 +31,13 @@ __all__ = ["fraction_above", "gini", "top_share", "trajectory_quantiles"]
 
 def levels(name: str, values: float | Sequence[float]) -> tuple[tuple[float, ...], bool]:
     """A float or a non-empty sequence of finite floats as a tuple, and whether a scalar was given."""
-    scalar = isinstance(values, int | float)
+    scalar = isinstance(values, (int, float))  # a tuple: Dynamo of torch 2.4 cannot trace `int | float`
     seq = (values,) if scalar else tuple(values)
     if not seq:
         raise ValueError(f"{name} must be a float or a non-empty sequence of floats, got {values!r}")
     out = []
     for v in seq:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"every value of {name} must be a finite float, got {v!r} in {values!r}")
         out.append(float(v))
     return tuple(out), scalar

@@ -66,7 +66,9 @@ def _options() -> dict[str, object]:
     import torch._inductor.config as inductor_config
 
     # Let the C++ compiler contract a * b + c into FMAs (fewer instructions in the exp2-heavy loop).
-    if hasattr(inductor_config.cpp, "enable_floating_point_contract_flag"):
+    # Older releases (torch 2.4) take a bool here; setting it there contracts the two inputs' sums
+    # differently, so that identical inputs no longer give exactly 0: they keep their default.
+    if isinstance(getattr(inductor_config.cpp, "enable_floating_point_contract_flag", None), str):
         return {"cpp.enable_floating_point_contract_flag": "fast"}
     return {}
 
