@@ -1,9 +1,14 @@
 """Test helpers: input-purity checks and random batches."""
 
-from collections.abc import Callable, Iterable
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from types import ModuleType
 from typing import Any
 
+import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -56,3 +61,40 @@ class LargestFloat32(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def require_transformers() -> ModuleType:
+    """``transformers``, or a skip where it is missing or does not run with this torch (transformers 5
+    needs torch >= 2.6 and otherwise imports with placeholder models)."""
+    transformers = pytest.importorskip("transformers")
+    if not transformers.utils.is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} does not run with torch {torch.__version__}",
+            allow_module_level=True,
+        )
+    return transformers
+
+
+# Before torch 2.8, destroying a gloo group holds the GIL while it joins the group's threads, and a
+# thread may need the GIL to free the last tensor of a finished collective: the teardown deadlocks
+# now and then (fixed by pytorch/pytorch#154976, which releases the GIL there).
+_GLOO_TEARDOWN_CAN_HANG = torch.torch_version.TorchVersion(torch.__version__) < "2.8"
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """A gloo process group for one spawned test worker, torn down when the block ends.
+
+    Where the teardown can deadlock (torch < 2.8), a worker whose block succeeded waits for the
+    others at a barrier and leaves with ``os._exit(0)`` instead (its results are already written).
+    """
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    if _GLOO_TEARDOWN_CAN_HANG:
+        dist.barrier()
+        os._exit(0)
+    dist.destroy_process_group()

@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-pytest.importorskip("transformers")
+from .helpers import require_transformers
+
+require_transformers()
 pytest.importorskip("matplotlib")
 
 

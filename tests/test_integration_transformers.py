@@ -10,7 +10,9 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from .helpers import require_transformers
+
+transformers = require_transformers()
 Image = pytest.importorskip("PIL.Image")
 
 from vppo_core.integrations.tiny_vlm import (  # noqa: E402

@@ -25,7 +25,7 @@ from vppo_core.perturb import (
     pixel_values_to_images,
 )
 
-from .helpers import assert_inputs_unchanged
+from .helpers import assert_inputs_unchanged, require_transformers
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -306,7 +306,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def processed(request: pytest.FixtureRequest) -> tuple:
     """Two aligned images of different sizes (no resize happens), run through the real image processor."""
-    pytest.importorskip("transformers")
+    require_transformers()
     from vppo_core.integrations.tiny_vlm import tiny_image_processor
 
     processor = tiny_image_processor(request.param, max_pixels=300 * 300)

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from .helpers import require_transformers
+
+require_transformers()
 trl = pytest.importorskip("trl")
 pytest.importorskip("datasets")
 

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from .helpers import require_transformers
+
+require_transformers()
 Image = pytest.importorskip("PIL.Image")
 
 from vppo_core.integrations.tiny_vlm import FAMILIES, tiny_processor, tiny_qwen_vl  # noqa: E402

@@ -1,0 +1,19 @@
+"""Collection rules for the doctests under ``src/`` (``tests/conftest.py`` configures the tests).
+
+The doctests of the model integrations and the demo build tiny Hugging Face models: they are left
+out where transformers (or Pillow) is missing or does not run with this torch (transformers 5 needs
+torch >= 2.6), as the tests that need them skip there.
+"""
+
+import importlib.util
+
+
+def _hf_usable() -> bool:
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("PIL") is None:
+        return False
+    from transformers.utils import is_torch_available
+
+    return is_torch_available()
+
+
+collect_ignore_glob = [] if _hf_usable() else ["src/vppo_core/integrations/*", "src/vppo_core/demo/*"]
