@@ -7,6 +7,8 @@ subprocess (the variable must be set before the kernel module is imported, and m
 this process). Compiled variants are kept few: each new graph costs seconds.
 """
 
+import importlib.metadata
+import importlib.util
 import math
 import os
 import subprocess
@@ -164,10 +166,25 @@ def test_auto_routes_small_and_float64_to_torch_and_large_to_cpu_or_compile(monk
     assert K.resolve_backend("torch", big) == "torch"
 
 
+def test_triton_older_than_the_checked_versions_is_not_used(monkeypatch):
+    """Triton 3.0's interpreter computes wrong sums with these kernels: ``auto`` passes it by, and an
+    explicit ``backend="triton"`` says which version it found."""
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.6.0+git1234")
+    assert K._triton_version() == (3, 6) or importlib.util.find_spec("triton") is None
+    monkeypatch.setattr(K, "_TRITON_VERSION", (3, 0))
+    monkeypatch.setattr(K, "_HAS_TRITON", False)
+    assert K._resolve("auto", torch.device("cuda"), torch.float32, 1 << 24) in ("compile", "torch")
+    with pytest.raises(ValueError, match=r"backend='triton' needs triton >= 3\.2, got triton 3\.0"):
+        K._resolve("triton", torch.device("cuda"), torch.float32, 10)
+    monkeypatch.setattr(K, "_TRITON_VERSION", None)
+    with pytest.raises(ValueError, match=r"backend='triton' needs the triton package"):
+        K._resolve("triton", torch.device("cuda"), torch.float32, 10)
+
+
 def test_backend_errors_name_the_argument():
     x = torch.randn(2, 3, 5)
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        with pytest.raises(ValueError, match=r"backend='triton' needs (CUDA tensors|the triton package)"):
+        with pytest.raises(ValueError, match=r"backend='triton' needs (CUDA tensors|the triton package|triton >= )"):
             visual_dependency(x, x, backend="triton")
     with pytest.raises((TypeError, ValueError), match="backend"):
         visual_dependency(x, x, backend="cuda")  # type: ignore[arg-type]
@@ -414,7 +431,9 @@ def test_from_hidden_padded_nan_rows_give_zero_and_finite_gradients():
 @pytest.mark.slow
 def test_triton_kernels_under_the_cpu_interpreter():
     """Run tests/test_kernels_triton.py with TRITON_INTERPRET=1 in a fresh process (GPU machines run it natively)."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if not K.triton_importable():
+        pytest.skip(f"triton {triton.__version__} is older than the backend uses")
     if torch.cuda.is_available():
         pytest.skip("CUDA present: test_kernels_triton.py runs natively in this session")
     root = Path(__file__).resolve().parent.parent

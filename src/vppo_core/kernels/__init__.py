@@ -14,7 +14,7 @@ over tiles of logits computed from hidden states.
 
 Backend choice (``backend="auto"``):
 
-- CUDA tensors and Triton importable: ``"triton"`` (float64 goes to ``"torch"``);
+- CUDA tensors and Triton (3.2 or newer) installed: ``"triton"`` (float64 goes to ``"torch"``);
 - inside a caller's ``torch.compile``: ``"compile"`` (its plain-torch core is traced into the graph);
 - float64, or fewer than :data:`AUTO_COMPILE_MIN_ELEMENTS` logits per input: ``"torch"`` (float64 is
   for oracles and gradcheck; for small inputs a compile costs seconds and saves microseconds);
@@ -23,8 +23,10 @@ Backend choice (``backend="auto"``):
   the process warns once and uses ``"torch"`` from then on.
 """
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -43,10 +45,31 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd", "hellinger")
 AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
 
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+#: The oldest Triton whose interpreter runs the kernels' tests (3.0's computes wrong sums; 3.2 and 3.6
+#: pass, and 3.6 and newer compile them for sm_80/90/100): older ones are not used.
+TRITON_MIN_VERSION = (3, 2)
+
+
+def _triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, read without importing it; None if it is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # e.g. installed as pytorch-triton
+        import triton
+
+        version = triton.__version__
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+_TRITON_VERSION = _triton_version()
+_HAS_TRITON = _TRITON_VERSION is not None and _TRITON_VERSION >= TRITON_MIN_VERSION
 
 
 def triton_importable() -> bool:
+    """Triton is installed, at `TRITON_MIN_VERSION` or newer."""
     return _HAS_TRITON
 
 
@@ -71,8 +94,11 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
             return "cpu"
         return "compile" if _compile.usable() else "torch"
     if backend == "triton":
-        if not triton_importable():
+        if _TRITON_VERSION is None:
             raise ValueError("backend='triton' needs the triton package (pip install 'vppo_core[triton]')")
+        if not triton_importable():
+            need, got = ".".join(map(str, TRITON_MIN_VERSION)), ".".join(map(str, _TRITON_VERSION))
+            raise ValueError(f"backend='triton' needs triton >= {need}, got triton {got}; use backend='compile'")
         if not _triton_runs_on(device):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
