@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers import assert_inputs_unchanged, random_mask
+from tests.helpers import assert_inputs_unchanged, gloo_group, random_mask
 from tests.test_analysis import gini_oracle, share_oracle, spread_oracle, valid_rows
 from vppo_core.analysis import DependencyAccumulator, histogram_counts, histogram_edges
 
@@ -263,8 +263,7 @@ def test_docstring_examples_run():
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         dep, mask, groups = global_batch()
         r = RANKS[rank]
         acc = make()
@@ -281,8 +280,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "only_rank0": only_rank0.summary(process_group="world"),
         }
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

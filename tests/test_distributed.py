@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import vppo_core as V
 from vppo_core.distributed import loss_denominators
 
+from .helpers import gloo_group
+
 B, T, H, VOCAB = 13, 7, 5, 11
 
 
@@ -61,8 +63,7 @@ def compute(mask, dep, groups, x, tokens, rewards, *, group=None, micro_batches=
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         sl = splits(world)[rank]
         shard = [t[sl] for t in global_batch()]
         results = {
@@ -77,8 +78,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(loss)
             results[key]["loss_reduced"] = loss if key == "sum" else loss / world
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

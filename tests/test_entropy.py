@@ -15,7 +15,7 @@ import vppo_core.kernels._chunks as chunks_module
 from vppo_core.entropy import high_entropy_mask, high_entropy_threshold, token_entropy, topk_entropy_mask
 from vppo_core.masking import topk_token_mask
 
-from .helpers import LargestFloat32, assert_inputs_unchanged, random_mask
+from .helpers import LargestFloat32, assert_inputs_unchanged, gloo_group, random_mask
 from .oracles import exact_ceil, topk_oracle
 
 # Tolerance added to torch's own error in the same dtype (cut-cross-entropy's criterion).
@@ -352,8 +352,7 @@ def global_batch():
 
 
 def _pooled_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         h, mask = global_batch()
         sl = slice(BOUNDS[rank], BOUNDS[rank + 1])
         results = {
@@ -362,8 +361,6 @@ def _pooled_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         }
         results["threshold"] = high_entropy_threshold(h[sl], mask[sl], rho=0.2, process_group=dist.group.WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

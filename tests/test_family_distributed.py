@@ -6,12 +6,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vppo_core import family as Fm
 from vppo_core.factors import group_centred_clamp, median_mad_factors, minmax_normalise
 from vppo_core.selection import topq_mask, topq_threshold
+
+from .helpers import gloo_group
 
 B, T = 13, 7
 BOUNDS = [0, 9, 13]  # uneven shards; the prompt groups of 4 straddle the boundary
@@ -58,12 +59,9 @@ def compute(mask, scores, values, groups, adv, dep, sim, *, group=None, micro_ba
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         shard = [t[BOUNDS[rank] : BOUNDS[rank + 1]] for t in global_batch()]
         torch.save(compute(*shard, group="world"), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
