@@ -52,11 +52,19 @@ def test_dynamic_compile_keeps_one_graph_for_new_temperatures_and_sizes(backend)
         return V.visual_dependency(x, y, temperature=temperature, backend=backend).sum()
 
     compiled = torch.compile(step, backend=counter, dynamic=True)
-    for tokens, temperature in ((5, 1.0), (7, 0.7), (9, 1.3)):
-        x, y = torch.randn(2, tokens, 300), torch.randn(2, tokens, 300)
-        torch.testing.assert_close(compiled(x, y, temperature), step(x, y, temperature))
-    # Dynamo of older torch (2.4) specialises Python floats: one graph per temperature, none per size
-    graphs = 3 if torch._dynamo.config.specialize_float else 1
-    assert counter.frame_count == graphs, counter.frame_count
+
+    def run(calls):
+        for tokens, temperature in calls:
+            x, y = torch.randn(2, tokens, 300), torch.randn(2, tokens, 300)
+            torch.testing.assert_close(compiled(x, y, temperature), step(x, y, temperature))
+        return x, y
+
+    run(((5, 1.0), (7, 0.7)))
+    # One graph; torch 2.6's Dynamo compiles a second, general one at the first new temperature
+    warm = counter.frame_count
+    assert warm in (1, 2), warm
+    x, y = run(((9, 1.3), (11, 0.5)))
+    # none for later temperatures and sizes (torch 2.4's Dynamo specialises floats: one per temperature)
+    assert counter.frame_count == warm + (2 if torch._dynamo.config.specialize_float else 0), counter.frame_count
     with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -1\.0"):
         step(x, y, -1.0)  # the eager call still checks

@@ -9,6 +9,8 @@ import statistics
 
 import pytest
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 
 from vppo_core import family as Fm
 from vppo_core.distributed import loss_denominators
@@ -396,7 +398,20 @@ def compiled_step(lp, old, adv, mask, vs, h, sim, groups):
     return loss, vgpo_adv, topq_mask(sim, mask, q=0.3, scope="batch")
 
 
+_TORCH = torch.torch_version.TorchVersion(torch.__version__)
+_INDUCTOR_ERRORS = tuple(
+    e for e in (torch._dynamo.exc.BackendCompilerFailed, getattr(torch._inductor.exc, "InductorError", None)) if e
+)
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(
+    "2.6" <= _TORCH < "2.13",
+    reason="Inductor's C++ code generation of torch 2.6, 2.7 and 2.8 fails an assertion in its loop split on "
+    "topq_mask over a tail_window_mask of shifted scores (vgpo_rollout's step 2); 2.13 compiles it",
+    raises=_INDUCTOR_ERRORS,
+    strict=False,
+)
 def test_fullgraph_compile_matches_eager():
     torch._dynamo.reset()
     lp, old, adv, mask, s1, s2, s3, groups, _ = fixed_batch()

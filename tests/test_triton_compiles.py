@@ -26,6 +26,14 @@ except ImportError as err:  # pragma: no cover - other Triton builds or versions
 
 from vppo_core.kernels import _triton_kernels as T  # noqa: E402
 
+
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton uses for ``arch``: a tool with a ``path`` (Triton 3.6 and newer), or a
+    (path, version) pair (3.3)."""
+    tool = get_ptxas(arch)
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
 # every kernel of the Triton backend, with the constexprs its launcher passes (DIV: KL, JSD, Hellinger)
 KERNELS = {
     "fwd-kl": (T._fwd_kernel, {"DIV": T.DIV_KL, "BLOCK": 4096}),
@@ -78,7 +86,7 @@ def test_kernel_compiles_to_a_cubin_without_spills(name, dtype, arch, tmp_path):
     ptx_file.write_text(ptx)
     gpu = re.search(r"\.target (sm_\w+)", ptx).group(1)
     report = subprocess.run(
-        [get_ptxas(arch).path, "-v", "--gpu-name", gpu, str(ptx_file), "-o", str(tmp_path / "k.cubin")],
+        [_ptxas_path(arch), "-v", "--gpu-name", gpu, str(ptx_file), "-o", str(tmp_path / "k.cubin")],
         capture_output=True,
         text=True,
         check=True,
