@@ -28,9 +28,12 @@ from vppo_core.kernels import _triton_kernels as T  # noqa: E402
 
 
 def _ptxas_path(arch: int) -> str:
-    """The ptxas Triton uses for ``arch``: a tool with a ``path`` (Triton 3.6 and newer), or a
+    """The ptxas Triton uses for ``arch``: a tool with a ``path`` (3.4: one for every arch), or a
     (path, version) pair (3.3)."""
-    tool = get_ptxas(arch)
+    try:
+        tool = get_ptxas(arch)
+    except TypeError:  # Triton 3.4
+        tool = get_ptxas()
     return tool.path if hasattr(tool, "path") else tool[0]
 
 

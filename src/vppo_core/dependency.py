@@ -68,10 +68,11 @@ def visual_dependency(
     the arithmetic (built with the system C compiler at first use; backward as ``"compile"``);
     ``"triton"`` a fused single-pass GPU kernel. ``"cpu"`` and ``"triton"`` are ``torch.library``
     custom ops, so they also run inside your step compiled with ``torch.compile``. ``"auto"`` picks
-    Triton for CUDA tensors; for CPU inputs of at least ``2**20`` logits ``"cpu"`` (``"compile"`` if
-    no C compiler is found, or inside your ``torch.compile``); and ``"torch"`` for float64 and
-    smaller inputs (where a compile would cost seconds to save microseconds) or where neither
-    compiler is available. All backends give the same values up to float32 rounding.
+    Triton for CUDA tensors (when Triton 3.2 or newer is installed); for CPU inputs of at least
+    ``2**20`` logits ``"cpu"`` (``"compile"`` if no C compiler is found, or inside your
+    ``torch.compile``); and ``"torch"`` for float64 and smaller inputs (where a compile would cost
+    seconds to save microseconds) or where neither compiler is available. All backends give the same
+    values up to float32 rounding.
 
     Special values: a vocabulary entry that is ``-inf`` in ``logits_img`` contributes nothing (it has
     zero probability), whatever ``logits_noimg`` holds there; an entry that is finite in
