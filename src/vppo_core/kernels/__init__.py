@@ -45,8 +45,8 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd", "hellinger")
 AUTO_COMPILE_MIN_ELEMENTS = 1 << 20
 
 
-#: The oldest Triton whose interpreter runs the kernels' tests (3.0's computes wrong sums; 3.2 and 3.6
-#: pass, and 3.6 and newer compile them for sm_80/90/100): older ones are not used.
+#: The oldest Triton the Triton backend uses. Its interpreter passes the kernels' tests (as do 3.6's
+#: and 3.9's; 3.0's computes wrong sums), and 3.3, 3.4, 3.6 and 3.9 compile them for sm_80/90/100.
 TRITON_MIN_VERSION = (3, 2)
 
 
