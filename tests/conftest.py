@@ -25,6 +25,9 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+_LIBM = ctypes.CDLL(ctypes.util.find_library("m")) if sys.platform == "linux" else None
+
+
 @pytest.fixture(autouse=True)
 def _ieee_subnormals() -> None:
     """Undo a flush-to-zero switch left by an earlier test in this process.
@@ -36,9 +39,6 @@ def _ieee_subnormals() -> None:
     """
     if sys.float_info.min / 2 == 0.0 and _LIBM is not None:
         _LIBM.fesetenv(ctypes.c_void_p(-1))
-
-
-_LIBM = ctypes.CDLL(ctypes.util.find_library("m")) if sys.platform == "linux" else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

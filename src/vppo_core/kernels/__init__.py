@@ -65,12 +65,11 @@ def _triton_version() -> tuple[int, int] | None:
 
 
 _TRITON_VERSION = _triton_version()
-_HAS_TRITON = _TRITON_VERSION is not None and _TRITON_VERSION >= TRITON_MIN_VERSION
 
 
-def triton_importable() -> bool:
+def triton_usable() -> bool:
     """Triton is installed, at `TRITON_MIN_VERSION` or newer."""
-    return _HAS_TRITON
+    return _TRITON_VERSION is not None and _TRITON_VERSION >= TRITON_MIN_VERSION
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -84,7 +83,7 @@ def resolve_backend(backend: str, x: Tensor) -> str:
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int) -> str:
     if backend == "auto":
-        if device.type == "cuda" and dtype != torch.float64 and triton_importable():
+        if device.type == "cuda" and dtype != torch.float64 and triton_usable():
             return "triton"
         if torch.compiler.is_compiling():
             return "compile"
@@ -96,7 +95,7 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
     if backend == "triton":
         if _TRITON_VERSION is None:
             raise ValueError("backend='triton' needs the triton package (pip install 'vppo_core[triton]')")
-        if not triton_importable():
+        if not triton_usable():
             need, got = ".".join(map(str, TRITON_MIN_VERSION)), ".".join(map(str, _TRITON_VERSION))
             raise ValueError(f"backend='triton' needs triton >= {need}, got triton {got}; use backend='compile'")
         if not _triton_runs_on(device):
@@ -244,7 +243,7 @@ def divergence_from_hidden(
     )
 
 
-if _HAS_TRITON and (os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()):
+if triton_usable() and (os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available()):
     # Import (and register the custom ops) now, outside any caller's torch.compile trace.
     _autograd.triton_ops()
 
