@@ -176,6 +176,13 @@ class TinyQwenVLProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+        # The class attribute above is how transformers >= 5.2x turns the ids on; earlier 5.x releases
+        # (5.17, and 5.10 which verl pins) read only a call argument, and their models then refuse an
+        # image batch without the ids. Passing the argument works with both.
+        kwargs.setdefault("return_mm_token_type_ids", True)
+        return super().__call__(images=images, text=text, **kwargs)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         merge_length = self.image_processor.merge_size**2
         num_image_tokens = int(image_inputs["image_grid_thw"][image_idx].prod()) // merge_length
