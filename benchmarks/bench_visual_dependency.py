@@ -10,7 +10,11 @@ Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
   ``cpu`` on the CPU at these sizes when a C compiler is found, else ``compile``, and ``triton`` on
   CUDA; each row records what ``auto`` resolved to);
 - ``compile+bwd``, ``cpu+bwd``, ``triton+bwd``: forward and backward w.r.t. both inputs (KL as a loss);
-- ``liger`` (CUDA, if installed): ``log_softmax`` of both, then Liger-Kernel's ``LigerKLDIVLoss``;
+- ``liger``, ``liger-none``, ``liger+bwd`` (CUDA, if installed): ``log_softmax`` of both inputs, then
+  Liger-Kernel's ``LigerKLDIVLoss``: with ``reduction="sum"`` (its fastest mode, which returns only the
+  batch total), with ``reduction="none"`` and a row sum (per-token values like ours; it writes
+  ``[tokens, vocab]`` float32), and forward + backward of the sum (Liger gives no gradient to its
+  target, so only ``y`` gets one: less work than our ``+bwd`` rows, which differentiate both);
 - ``exp-floor``: a reference, not a provider: a compiled ``sum(exp2(x)) + sum(exp2(y))``, the least
   arithmetic any exact method does (two exponentials per vocabulary entry).
 
@@ -33,11 +37,12 @@ Logit-free providers on ``[tokens, 3584]`` hidden states and a ``[151 936, 3584]
 ``hidden`` (``visual_dependency_from_hidden``) against ``matmul`` (the two GEMMs it needs,
 materialising the logits, nothing else).
 
-Reported per row (``extra_info``): effective GB/s (bytes of both inputs read once / best time), the
-fraction of the bandwidth measured in the same session, and the peak extra memory of one call (see
-``conftest.py``). Sizes: ``VPPO_BENCH_TOKENS`` (default ``512,2048,8192``) and
-``VPPO_BENCH_HIDDEN_TOKENS`` (default ``512`` on CPU, ``2048`` on CUDA); a size is skipped when its
-inputs and the provider's temporaries would not fit in the available memory.
+Reported per row (``extra_info``): effective GB/s (the least traffic / best time: the bytes of the
+inputs read once, three times that for ``+bwd``, see ``traffic_factor``), its fraction of the read
+bandwidth measured in the same session, and the peak extra memory of one call (see ``conftest.py``).
+Sizes: ``VPPO_BENCH_TOKENS`` (default ``512,2048,8192``) and ``VPPO_BENCH_HIDDEN_TOKENS`` (default
+``512`` on CPU, ``2048`` on CUDA); a size is skipped when its inputs and the provider's temporaries
+would not fit in the available memory.
 """
 
 import functools
@@ -95,11 +100,20 @@ def naive(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _liger() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _liger(reduction: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """KL(p || q) through Liger-Kernel: its input is log q, its target log p (``log_target=True``)."""
     from liger_kernel.transformers import LigerKLDIVLoss
 
-    loss = LigerKLDIVLoss(reduction="none", log_target=True)
+    loss = LigerKLDIVLoss(reduction=reduction, log_target=True)
+    if reduction == "none":  # [tokens, vocab] float32 terms: the row sums are the per-token KL
+        return lambda x, y: loss(torch.log_softmax(y, -1), torch.log_softmax(x, -1)).sum(-1)
     return lambda x, y: loss(torch.log_softmax(y, -1), torch.log_softmax(x, -1))
+
+
+def _liger_backward(x: torch.Tensor, y: torch.Tensor) -> Any:
+    """Forward and backward of Liger's summed KL; its target (``x``'s side) receives no gradient."""
+    y = y.detach().requires_grad_()
+    return torch.autograd.grad(_liger("sum")(x, y), (y,))
 
 
 @functools.cache
@@ -128,10 +142,12 @@ PROVIDERS: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {
     "cpu+bwd": _with_backward("cpu"),
     "triton": lambda x, y: visual_dependency(x, y, backend="triton"),
     "triton+bwd": _with_backward("triton"),
-    "liger": lambda x, y: _liger()(x, y),
+    "liger": lambda x, y: _liger("sum")(x, y),
+    "liger-none": lambda x, y: _liger("none")(x, y),
+    "liger+bwd": _liger_backward,
     "exp-floor": lambda x, y: _exp_floor()(x, y),
 }
-GPU_ONLY = {"triton", "triton+bwd", "liger"}
+GPU_ONLY = {"triton", "triton+bwd", "liger", "liger-none", "liger+bwd"}
 CPU_ONLY = {"cpu", "cpu+bwd", "separate-cpu"}
 
 
@@ -139,7 +155,7 @@ def extra_bytes_estimate(provider: str, tokens: int, dtype: torch.dtype) -> int:
     """Inputs plus the provider's temporaries (for skipping sizes that cannot fit)."""
     one = tokens * VOCAB
     inputs = 2 * one * torch.finfo(dtype).bits // 8
-    if provider in ("naive", "liger"):
+    if provider == "naive" or provider.startswith("liger"):
         return inputs + 6 * one * 4  # two float32 upcasts, two log_softmax outputs, kl_div's output, ...
     if provider.endswith("+bwd"):
         return 2 * inputs + 2 * one * 4 // 8
@@ -166,7 +182,28 @@ def _rounds(seconds_per_call: float) -> int:
     return max(2, min(10, math.ceil(6.0 / max(seconds_per_call, 1e-3))))
 
 
-def _run(benchmark: Any, fn: Callable[[], Any], nbytes: int, bandwidth: dict[str, float], ref_bytes: int) -> None:
+def traffic_factor(provider: str) -> float:
+    """The least memory traffic of a provider, in units of its input bytes.
+
+    A forward reads each input once (1). A forward + backward that returns every input's gradient
+    reads the inputs twice (a vocabulary row does not fit in on-chip memory, so the backward reads it
+    again after the row statistics are known) and writes gradients of the same size: 3.
+    ``liger+bwd`` writes the gradient of one input of two: 2.5.
+    """
+    if provider == "liger+bwd":
+        return 2.5
+    return 3.0 if provider.endswith("+bwd") else 1.0
+
+
+def _run(
+    benchmark: Any,
+    fn: Callable[[], Any],
+    nbytes: int,
+    bandwidth: dict[str, float],
+    ref_bytes: int,
+    provider: str,
+) -> None:
+    """Time ``fn``; ``nbytes`` are its input bytes, ``ref_bytes`` what its peak memory is compared with."""
     sync()
     t = time.perf_counter()
     fn()  # first call: includes compilation for the compiled providers
@@ -182,15 +219,18 @@ def _run(benchmark: Any, fn: Callable[[], Any], nbytes: int, bandwidth: dict[str
 
     benchmark.pedantic(timed, rounds=_rounds(second), iterations=1, warmup_rounds=0)
     best = benchmark.stats.stats.min
-    gbps = nbytes / best / 1e9
+    traffic = round(nbytes * traffic_factor(provider))
+    gbps = traffic / best / 1e9
     benchmark.extra_info.update(
         {
             "device": DEV.type,
             "first_call_s": round(first, 3),
-            "bytes": nbytes,
+            "input_bytes": nbytes,
+            "bytes": traffic,
+            "read_GBps": bandwidth["read_GBps"],
             "GBps": round(gbps, 2),
-            "frac_read_bw": round(gbps / bandwidth["read_GBps"], 3),
-            "floor_s": round(nbytes / bandwidth["read_GBps"] / 1e9, 4),
+            "frac_read_bw": round(gbps / bandwidth["read_GBps"], 4),
+            "floor_s": traffic / bandwidth["read_GBps"] / 1e9,
             "peak_extra_bytes": peak,
             "peak_extra_frac": None if peak is None else round(peak / ref_bytes, 5),
         }
@@ -209,7 +249,7 @@ CASES = [
 @pytest.mark.parametrize(("tokens", "dtype_name", "provider"), CASES, ids=[f"{t}-{d}-{p}" for t, d, p in CASES])
 def test_logits(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_name: str, provider: str) -> None:
     dtype = DTYPES[dtype_name]
-    if provider == "liger":
+    if provider.startswith("liger"):
         pytest.importorskip("liger_kernel")
     need = extra_bytes_estimate(provider, tokens, dtype)
     if need > 0.85 * (available_bytes() + (2 * tokens * VOCAB * dtype.itemsize if (tokens, dtype) in _CACHE else 0)):
@@ -220,7 +260,7 @@ def test_logits(benchmark: Any, bandwidth: dict[str, float], tokens: int, dtype_
     benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider})
     benchmark.extra_info["auto"] = kernels.resolve_backend("auto", x)  # the backend auto picks for these
     nbytes = 2 * x.numel() * x.element_size()
-    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes, provider=provider)
 
 
 # ----------------------------------------------------------------------------- Hellinger and entropy
@@ -357,7 +397,7 @@ def test_other(
         {"tokens": tokens, "vocab": VOCAB, "dtype": dtype_name, "provider": provider, "quantity": quantity}
     )
     nbytes = (1 if quantity == "entropy" else 2) * x.numel() * x.element_size()
-    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes, provider=provider)
 
 
 # ----------------------------------------------------------------------------- sliced logits, batch > 1
@@ -385,7 +425,7 @@ def test_sliced(benchmark: Any, bandwidth: dict[str, float], provider: str) -> N
     benchmark.group = f"sliced {SLICED_BATCH}x{SLICED_SEQ}x{VOCAB} fp32, logits[:, :-1]"
     benchmark.extra_info.update({"tokens": tokens, "vocab": VOCAB, "dtype": "fp32", "provider": provider})
     nbytes = 2 * x.numel() * x.element_size()
-    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes)
+    _run(benchmark, lambda: fn(x, y), nbytes, bandwidth, ref_bytes=nbytes, provider=provider)
 
 
 # ----------------------------------------------------------------------------- logit-free path
@@ -421,4 +461,4 @@ def test_logit_free(benchmark: Any, bandwidth: dict[str, float], tokens: int, dt
     benchmark.extra_info.update(
         {"tokens": tokens, "vocab": VOCAB, "hidden": HIDDEN, "dtype": dtype_name, "provider": provider}
     )
-    _run(benchmark, fn, logits_bytes, bandwidth, ref_bytes=logits_bytes)
+    _run(benchmark, fn, logits_bytes, bandwidth, ref_bytes=logits_bytes, provider=provider)

@@ -9,16 +9,22 @@ heap memory to the OS (``malloc_trim(0)``) and resetting the kernel's high-water
 (``/proc/self/clear_refs``), it is ``VmHWM`` after one call minus ``VmRSS`` before it. It therefore
 counts every allocation (torch tensors, Inductor buffers, OpenMP scratch), with page granularity. On
 CUDA it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the call.
+
+``benchmarks/run.py`` can split a run over several calls (a lent machine limits a command's time):
+``VPPO_BENCH_DEADLINE`` (a Unix time) skips the benchmarks that would start after it, and
+``VPPO_BENCH_SKIP_DONE`` (a results JSON) skips those already in it.
 """
 
 import contextlib
 import ctypes
 import functools
 import gc
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +145,34 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_
     info = getattr(config, "_vppo_machine", {})
     info["loadavg_end"] = os.getloadavg()
     output_json["vppo_machine"] = info
+
+
+DEADLINE = float(os.environ.get("VPPO_BENCH_DEADLINE", "inf"))
+BUDGET_SKIP = "the run's time budget is spent"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    done_file = os.environ.get("VPPO_BENCH_SKIP_DONE")
+    if not done_file or not Path(done_file).exists():
+        return
+    done = {b["name"] for b in json.loads(Path(done_file).read_text())["benchmarks"]}
+    for item in items:
+        if item.name in done:
+            item.add_marker(pytest.mark.skip(reason=f"already measured in {done_file}"))
+
+
+@pytest.fixture(autouse=True)
+def _time_budget() -> None:
+    if time.time() > DEADLINE:
+        pytest.skip(BUDGET_SKIP)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    left = sum(
+        1
+        for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple) and BUDGET_SKIP in str(r.longrepr[-1])
+    )
+    if left:
+        terminalreporter.write_line(f"{left} benchmarks left for lack of time: run again with --resume")
