@@ -81,9 +81,9 @@ HIDDEN_TOKENS = _env_ints("VPPO_BENCH_HIDDEN_TOKENS", "2048" if CUDA else "512")
 
 
 def available_bytes() -> int:
-    if CUDA:
+    if CUDA:  # what the driver has free, plus what PyTorch's allocator holds cached for reuse
         free, _ = torch.cuda.mem_get_info()
-        return free
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):

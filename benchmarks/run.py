@@ -2,8 +2,8 @@
 
     python benchmarks/run.py                      # this machine's device; then render RESULTS.md
     python benchmarks/run.py --tokens 512,2048    # fewer sizes
-    python benchmarks/run.py --budget 480 --resume  # stop starting benchmarks after 8 min; keep
-                                                    # earlier results, run only what is missing
+    python benchmarks/run.py --budget 420 --resume  # start no benchmark after 7 min; keep earlier
+                                                    # results, run only what is missing
     python benchmarks/run.py --render-only        # re-render from the saved JSON files
 
 Raw pytest-benchmark JSON is kept per device in ``benchmarks/results/{cpu,cuda}.json``, so a GPU run
