@@ -280,7 +280,8 @@ def render() -> Path:
                 + (
                     " (no GPU was available in the sessions that produced these results). Run "
                     "`python benchmarks/run.py` on a CUDA machine (with `pip install liger-kernel` for the "
-                    "outside baseline) to add this section."
+                    "outside baseline; on a machine without network, `.ci/gpu bench`, see "
+                    "docs/contributing.md) to add this section."
                     if device == "cuda"
                     else "."
                 ),
