@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
@@ -64,9 +65,15 @@ class LargestFloat32(TorchDispatchMode):
 
 
 def require_transformers() -> ModuleType:
-    """``transformers``, or a skip where it is missing or does not run with this torch (transformers 5
-    needs torch >= 2.6 and otherwise imports with placeholder models)."""
+    """``transformers``, or a skip where it is missing, older than the tiny models need (5.10), or does
+    not run with this torch (transformers 5 needs torch >= 2.6 and otherwise imports with placeholder
+    models)."""
     transformers = pytest.importorskip("transformers")
+    if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < (5, 10):
+        pytest.skip(
+            f"transformers {transformers.__version__} is older than 5.10, which the tiny test models need",
+            allow_module_level=True,
+        )
     if not transformers.utils.is_torch_available():
         pytest.skip(
             f"transformers {transformers.__version__} does not run with torch {torch.__version__}",

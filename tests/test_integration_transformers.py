@@ -6,6 +6,7 @@ so the real loading code is exercised. The oracle is the plain recipe: two full 
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -309,3 +310,32 @@ def test_errors(loaded: tuple) -> None:
         token_logprobs(model, batch, mask, temperature=0.0)
     with pytest.raises(ValueError, match="sequences must start with prompt_inputs"):
         rollout_inputs(batch, torch.cat([batch["input_ids"].flip(1), batch["input_ids"]], dim=1), eos_token_id=2)
+
+
+@pytest.mark.parametrize("version", ["5.10.0", "5.10.4", "5.24.0", "6.0.0.dev0", "5.10.0rc1"])
+def test_transformers_version_check_accepts(version: str) -> None:
+    from vppo_core.integrations.tiny_vlm import _check_transformers
+
+    _check_transformers(version)
+
+
+@pytest.mark.parametrize("version", ["5.9.0", "5.0.0", "4.57.6", "5.4.0.dev0"])
+def test_transformers_version_check_names_what_it_found(version: str) -> None:
+    from vppo_core.integrations.tiny_vlm import _check_transformers
+
+    with pytest.raises(ImportError, match=rf"needs transformers >= 5\.10 .*got transformers {re.escape(version)}"):
+        _check_transformers(version)
+
+
+def test_processor_returns_mm_token_type_ids_unless_told_not_to() -> None:
+    """The ids are asked for as a call argument too (transformers 5.10-5.17 read only that)."""
+    processor = tiny_processor("qwen2_vl")
+    patch = processor.image_processor.patch_size
+    text = [PROMPT.format(question="what colour ?")]
+    image = Image.new("RGB", (4 * patch, 4 * patch))
+    out = processor(images=[image], text=text, return_tensors="pt")
+    image_tokens = out["input_ids"] == processor.image_token_id
+    assert image_tokens.sum() == 4 and torch.equal(out["mm_token_type_ids"] == 1, image_tokens)
+    assert "mm_token_type_ids" not in processor(
+        images=[image], text=text, return_tensors="pt", return_mm_token_type_ids=False
+    )

@@ -9,7 +9,8 @@ hidden 64, 2 layers; vision depth 2), with random weights. The tokenizer is a wo
 The processor pairs it with ``Qwen2VLImageProcessorPil`` (needs only Pillow, not torchvision) and
 expands each ``<|image_pad|>`` into one token per merged vision patch, as Qwen's processors do.
 
-Requires the ``hf`` extra (``transformers``, ``tokenizers``, ``pillow``).
+Requires the ``hf`` extra (``transformers`` 5.10 or newer, ``tokenizers``, ``pillow``); with an older
+transformers the import raises ``ImportError`` naming the version found.
 
 Example:
     >>> from vppo_core.integrations.tiny_vlm import tiny_processor, tiny_qwen_vl
@@ -19,12 +20,31 @@ Example:
     64
 """
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import transformers
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (
+
+TRANSFORMERS_MIN = (5, 10)
+
+
+def _check_transformers(version: str) -> None:
+    """Raise ``ImportError`` if transformers ``version`` is older than the tiny processor needs."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release < TRANSFORMERS_MIN:
+        raise ImportError(
+            "vppo_core.integrations.tiny_vlm needs transformers >= 5.10 (its processor expands image "
+            "placeholders through ProcessorMixin.replace_image_token, added in 5.10, and uses the Pillow "
+            f"Qwen2-VL image processor), got transformers {version}; pip install 'transformers>=5.10'"
+        )
+
+
+_check_transformers(transformers.__version__)
+
+from transformers import (  # noqa: E402  (after the version check, which names what is missing)
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -36,10 +56,10 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
-from ._tiny_vocab import DEFAULT_WORDS, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
+from ._tiny_vocab import DEFAULT_WORDS, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE  # noqa: E402
 
 __all__ = [
     "DEFAULT_WORDS",
