@@ -12,6 +12,7 @@ Needs: pip install "vppo_core[hf,trl]"   (tests/test_trl.py runs this setup)
 """
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,16 @@ def colour_reward(completions: list[list[dict[str, str]]], answer: list[str], **
         named = any(word in COLOURS for word in text.split())
         rewards.append(reward(text, gold) or (0.1 if named else 0.0))
     return rewards
+
+
+def no_activation_checkpointing() -> dict[str, bool]:
+    """GRPOConfig's switch for activation checkpointing (which TRL turns on by default), turned off.
+
+    transformers 5.23 renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and warns
+    about the old name; 5.10 to 5.22 know only the old one.
+    """
+    names = {field.name for field in dataclasses.fields(GRPOConfig)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
 def tiny_dataset(n: int, seed: int = 0) -> Dataset:
@@ -79,7 +90,7 @@ def make_trainer(
         learning_rate=learning_rate,
         epsilon_high=0.28,  # DAPO's clip-higher, as in VPPO-RL
         generation_kwargs={"suppress_tokens": suppress},
-        activation_checkpointing=False,
+        **no_activation_checkpointing(),
         bf16=False,  # GRPOConfig defaults to bf16 autocast, even on the CPU
         use_cpu=True,
         seed=seed,

@@ -216,7 +216,7 @@ def test_vppo_trainer_rejects_unsupported_settings(tmp_path, config, vppo, match
         use_cpu=True,
         report_to="none",
         num_generations=2,
-        activation_checkpointing=False,
+        **example.no_activation_checkpointing(),
         **config,
     )
     with pytest.raises(ValueError, match=match):
