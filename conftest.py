@@ -2,7 +2,8 @@
 
 The doctests of the model integrations and the demo build tiny Hugging Face models: they are left
 out where transformers (or Pillow) is missing, older than 5.10, or does not run with this torch
-(transformers 5 needs torch >= 2.6), as the tests that need them skip there.
+(transformers 5 needs torch >= 2.6), as the tests that need them skip there. Below torch 2.6 it
+is not even imported (see ``tests/helpers.require_transformers``).
 """
 
 import importlib.metadata
@@ -11,6 +12,10 @@ import re
 
 
 def _hf_usable() -> bool:
+    import torch
+
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.6":
+        return False
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("PIL") is None:
         return False
     version = importlib.metadata.version("transformers")

@@ -67,7 +67,15 @@ class LargestFloat32(TorchDispatchMode):
 def require_transformers() -> ModuleType:
     """``transformers``, or a skip where it is missing, older than the tiny models need (5.10), or does
     not run with this torch (transformers 5 needs torch >= 2.6 and otherwise imports with placeholder
-    models)."""
+    models).
+
+    Below torch 2.6 it skips before importing transformers. There transformers 5 runs without torch,
+    and its alias modules (``*_fast``, whose every attribute lookup imports a model module) raise
+    ``ModuleNotFoundError`` for torchvision when pickle searches the loaded modules for a name; torch
+    2.5's FX graph cache pickles such names, so every later compile in the process would fail.
+    """
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.6":
+        pytest.skip(f"transformers 5 needs torch >= 2.6, got torch {torch.__version__}", allow_module_level=True)
     transformers = pytest.importorskip("transformers")
     if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < (5, 10):
         pytest.skip(
