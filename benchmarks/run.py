@@ -116,7 +116,6 @@ def _machine_lines(m: dict[str, Any]) -> list[str]:
 
 def render_device(data: dict[str, Any]) -> list[str]:
     runs = data.get("vppo_runs") or [data.get("vppo_machine", {})]
-    rows = list(data["benchmarks"])
     if len(runs) == 1:
         lines = [f"Run of {data.get('datetime', '?')[:19]} UTC.", "", *_machine_lines(runs[0]), ""]
     else:
@@ -128,10 +127,9 @@ def render_device(data: dict[str, Any]) -> list[str]:
         for k, m in enumerate(runs, 1):
             lines += [f"Run {k}:", "", *_machine_lines(m), ""]
     groups: dict[str, list[dict[str, Any]]] = {}
-    for b in rows:
+    for b in data["benchmarks"]:
         groups.setdefault(b["group"], []).append(b)
     for group, items in groups.items():
-        info0 = items[0]["extra_info"]
         logit_free = group.startswith("logit-free")
         naive = next((b for b in items if b["extra_info"]["provider"] in ("naive", "matmul")), None)
         lines += [f"### {group}", ""]
@@ -154,7 +152,6 @@ def render_device(data: dict[str, Any]) -> list[str]:
                 f"{_pct(e['peak_extra_frac'])} | {e['first_call_s']:.2f} |"
             )
         lines.append("")
-        del info0
     return lines
 
 
@@ -173,8 +170,8 @@ def targets_gpu(data: dict[str, Any]) -> list[str]:
     lines = []
     for tokens, dname in sorted({k[:2] for k in by}, key=lambda k: (k[1], k[0])):
         size = f"{tokens} × 151 936 {dname}"
-        auto = next((b["extra_info"].get("auto") for k, b in by.items() if k[:2] == (tokens, dname)), None)
-        fwd, bwd = by.get((tokens, dname, auto or "triton")), by.get((tokens, dname, f"{auto or 'triton'}+bwd"))
+        auto = next((b["extra_info"].get("auto") for k, b in by.items() if k[:2] == (tokens, dname)), None) or "triton"
+        fwd, bwd = by.get((tokens, dname, auto)), by.get((tokens, dname, f"{auto}+bwd"))
         for row, want, what in ((fwd, TARGET_GPU_FWD, "forward"), (bwd, TARGET_GPU_BWD, "forward + backward")):
             if row is None:
                 lines.append(f"| auto {what} ≥ {want:.0%} of read bandwidth, {size} | not measured | – |")
@@ -199,19 +196,15 @@ def targets_gpu(data: dict[str, Any]) -> list[str]:
 
 def targets_cpu(data: dict[str, Any]) -> list[str]:
     """The issue's CPU targets, evaluated on this run's numbers for the backend ``auto`` picked."""
-    by = {
-        (b["extra_info"].get("tokens"), b["extra_info"].get("dtype"), b["extra_info"]["provider"], b["group"]): b
-        for b in data["benchmarks"]
-    }
+    by = _logit_rows(data)
     lines = []
     for dname, want in TARGETS_CPU.items():
-        nkey = next((k for k in by if k[:3] == (2048, dname, "naive") and k[3].startswith("logits")), None)
-        auto = by[nkey]["extra_info"].get("auto", "compile") if nkey else "compile"
-        key = next((k for k in by if k[:3] == (2048, dname, auto) and k[3].startswith("logits")), None)
-        if key is None or nkey is None:
+        n = by.get((2048, dname, "naive"))
+        auto = n["extra_info"].get("auto", "compile") if n else "compile"
+        b = by.get((2048, dname, auto))
+        if b is None or n is None:
             lines.append(f"| auto ≥ {want:g}× naive, 2048 × 151 936 {dname} | not measured | – |")
             continue
-        b, n = by[key], by[nkey]
         speed = n["stats"]["min"] / b["stats"]["min"]
         lines.append(
             f"| auto (= {auto}) ≥ {want:g}× naive, 2048 × 151 936 {dname} | {speed:.1f}× "

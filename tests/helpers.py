@@ -1,8 +1,8 @@
 """Test helpers: input-purity checks and random batches."""
 
 import contextlib
+import importlib.util
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
@@ -64,29 +64,37 @@ class LargestFloat32(TorchDispatchMode):
         return out
 
 
-def require_transformers() -> ModuleType:
-    """``transformers``, or a skip where it is missing, older than the tiny models need (5.10), or does
-    not run with this torch (transformers 5 needs torch >= 2.6 and otherwise imports with placeholder
-    models).
+def hf_skip_reason() -> str | None:
+    """Why the tiny Hugging Face models cannot run here (transformers missing, not running with this
+    torch, or older than ``integrations.tiny_vlm`` needs), or None where they can.
 
-    Below torch 2.6 it skips before importing transformers. There transformers 5 runs without torch,
+    Below torch 2.6 it answers before importing transformers. There transformers 5 runs without torch,
     and its alias modules (``*_fast``, whose every attribute lookup imports a model module) raise
     ``ModuleNotFoundError`` for torchvision when pickle searches the loaded modules for a name; torch
     2.5's FX graph cache pickles such names, so every later compile in the process would fail.
     """
     if torch.torch_version.TorchVersion(torch.__version__) < "2.6":
-        pytest.skip(f"transformers 5 needs torch >= 2.6, got torch {torch.__version__}", allow_module_level=True)
-    transformers = pytest.importorskip("transformers")
-    if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < (5, 10):
-        pytest.skip(
-            f"transformers {transformers.__version__} is older than 5.10, which the tiny test models need",
-            allow_module_level=True,
-        )
+        return f"transformers 5 needs torch >= 2.6, got torch {torch.__version__}"
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    import transformers
+
     if not transformers.utils.is_torch_available():
-        pytest.skip(
-            f"transformers {transformers.__version__} does not run with torch {torch.__version__}",
-            allow_module_level=True,
-        )
+        return f"transformers {transformers.__version__} does not run with torch {torch.__version__}"
+    try:
+        import vppo_core.integrations.tiny_vlm  # noqa: F401  (checks the transformers version)
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def require_transformers() -> ModuleType:
+    """``transformers``, or a module-level skip saying why the tiny models cannot run (`hf_skip_reason`)."""
+    reason = hf_skip_reason()
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
+    import transformers
+
     return transformers
 
 

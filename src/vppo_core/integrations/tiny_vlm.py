@@ -35,10 +35,11 @@ def _check_transformers(version: str) -> None:
     """Raise ``ImportError`` if transformers ``version`` is older than the tiny processor needs."""
     release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if release < TRANSFORMERS_MIN:
+        need = ".".join(map(str, TRANSFORMERS_MIN))
         raise ImportError(
-            "vppo_core.integrations.tiny_vlm needs transformers >= 5.10 (its processor expands image "
-            "placeholders through ProcessorMixin.replace_image_token, added in 5.10, and uses the Pillow "
-            f"Qwen2-VL image processor), got transformers {version}; pip install 'transformers>=5.10'"
+            f"vppo_core.integrations.tiny_vlm needs transformers >= {need} (its processor expands image "
+            f"placeholders through ProcessorMixin.replace_image_token, added in {need}, and uses the Pillow "
+            f"Qwen2-VL image processor), got transformers {version}; pip install 'transformers>={need}'"
         )
 
 
