@@ -3,7 +3,8 @@
 Same criterion as ``test_kernels.py``: ``err(cpu) <= err(naive in the same dtype) + TOL``. Every
 forward test runs twice: the AVX-512 build (on a machine that has it; the portable loops elsewhere)
 and the portable build (``-DVPPO_PORTABLE``), so both implementations of the block pass are checked
-on any machine. The backward is `._compile`'s (or `._torch`'s), tested here through the op.
+on any machine. The backward of the KL, Hellinger, entropy and joint kernels is the C kernel's own
+(both builds again); the JSD's is `._compile`'s (or `._torch`'s), tested here through the op.
 """
 
 import math
@@ -148,6 +149,130 @@ def test_backward_without_torch_compile_matches_oracle(monkeypatch):
     assert err <= err_naive + T.GRAD_TOL[torch.float32]
 
 
+# ----------------------------------------------------------------------------- the C backward
+
+
+@pytest.mark.parametrize(
+    ("dtype", "divergence"),
+    [
+        *((d, div) for d in (torch.float32, torch.bfloat16) for div in ("kl", "reverse_kl", "hellinger")),
+        *((torch.float16, div) for div in ("kl", "reverse_kl")),  # float16 Hellinger: naive's gradient is NaN
+    ],
+)
+def test_backward_matches_oracle(build, dtype, divergence):
+    # (the float16 Hellinger gradient is the float32 one rounded: test_backward_rounds_to_the_dtype_...)
+    x, y = T.logits((3, 4, 5000), dtype, scale=2.0)
+    err, err_naive = T.grad_errors("cpu", x, y, random_mask(3, 4), torch.randn(3, 4), divergence=divergence)
+    assert err <= err_naive + T.GRAD_TOL[dtype], (err, err_naive)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_entropy_and_joint_backward_match_oracle(build, dtype):
+    x = E.logits((3, 4, 5000), dtype, scale=2.0)
+    err, err_naive = E.grad_errors("cpu", x, random_mask(3, 4), torch.randn(3, 4))
+    assert err <= err_naive + T.GRAD_TOL[dtype], ("entropy", err, err_naive)
+    x, y = J.logits((3, 4, 5000), dtype, scale=2.0), J.logits((3, 4, 5000), dtype, scale=2.0)
+    err, err_naive = J.grad_errors("cpu", x, y, random_mask(3, 4), torch.randn(3, 4, 3, dtype=torch.float64))
+    assert err <= err_naive + T.GRAD_TOL[dtype], ("joint", err, err_naive)
+
+
+def _grads(fn, x, y, upstream):
+    a, b = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    (fn(a, b) * upstream).sum().backward()
+    return a.grad, b.grad
+
+
+@pytest.mark.parametrize("divergence", ["kl", "hellinger", "entropy", "joint"])
+def test_backward_special_values_as_the_torch_backend(build, divergence):
+    """-inf entries (p = 0: exactly 0), a masked row of NaN (exactly 0), a live NaN (NaN where the torch
+    backend has NaN), q = 0 under a finite p (KL +inf): the same pattern and values as ``"torch"``."""
+    x, y = T.logits((2, 4, 5000), torch.float32)
+    x[0, 0, :2100] = -math.inf  # a whole block and more
+    x[0, 1, :100] = y[0, 1, :100] = -math.inf
+    y[0, 2, 4000:4200] = -math.inf  # across a block boundary
+    x[1, 1, 4999] = float("nan")  # in the tail of a counted row
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 0] = False
+    x[1, 0] = float("nan")
+    y[1, 0] = math.inf
+    ops = {
+        "kl": lambda b: lambda u, v: visual_dependency(u, v, mask, divergence="kl", backend=b),
+        "hellinger": lambda b: lambda u, v: visual_dependency(u, v, mask, divergence="hellinger", backend=b),
+        "entropy": lambda b: lambda u, v: token_entropy(u, mask, backend=b) + token_entropy(v, mask, backend=b),
+        "joint": lambda b: lambda u, v: J.stacked(visual_dependency_and_entropies(u, v, mask, backend=b)),
+    }
+    upstream = torch.randn(2, 4, 3) if divergence == "joint" else torch.randn(2, 4)
+    got = _grads(ops[divergence]("cpu"), x, y, upstream)
+    ref = _grads(ops[divergence]("torch"), x, y, upstream)
+    for g, r in zip(got, ref):
+        assert torch.equal(g[1, 0], torch.zeros(5000))
+        assert torch.equal(g.isnan(), r.isnan()) and torch.equal(g.isinf(), r.isinf())
+        assert torch.equal(g == 0, r == 0)
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert torch.equal(got[0][0, 0, :2100], torch.zeros(2100))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["kl", "hellinger", "entropy", "joint"])
+def test_backward_rounds_to_the_dtype_as_torch_does(build, dtype, mode):
+    """A 16-bit gradient is the float32 one of the same values rounded to nearest even, bit for bit:
+    subnormal and overflowing float16 values included (large logits make tiny p; a large upstream
+    gradient overflows float16)."""
+    x, y = T.logits((2, 3, 3001), dtype, scale=8.0)
+    wide = (x.float(), y.float())
+    g = torch.randn(2, 3, 3) * 1e7
+    g[1, 2] = float("nan")  # a NaN gradient row
+    if mode == "entropy":
+        _, stats = _cpu.entropy_forward(x, 0.9)
+        g = g[..., 0]
+        low = (_cpu.entropy_backward(g, x, stats, 0.9),)
+        high = (_cpu.entropy_backward(g, wide[0], stats, 0.9),)
+    elif mode == "joint":
+        _, stats = _cpu.joint_forward(x, y, 0.9)
+        low, high = _cpu.joint_backward(g, x, y, stats, 0.9), _cpu.joint_backward(g, *wide, stats, 0.9)
+    else:
+        _, stats = _cpu.forward(x, y, 0.9, mode)
+        g = g[..., 0]
+        low, high = _cpu.backward(g, x, y, stats, 0.9, mode), _cpu.backward(g, *wide, stats, 0.9, mode)
+    bits = torch.int16
+    for a, b in zip(low, high):
+        assert a.dtype == dtype and b.dtype == torch.float32
+        rounded = b.to(dtype)
+        assert torch.equal(a.isnan(), rounded.isnan()) and a.isnan().any()  # torch may keep a NaN's sign
+        keep = ~a.isnan()
+        assert torch.equal(a[keep].view(bits), rounded[keep].view(bits))
+    if dtype == torch.float16:
+        tiny = low[0].abs()
+        assert ((tiny > 0) & (tiny < 2**-14)).any() and low[0].isinf().any()  # subnormals and overflow met
+
+
+def test_backward_strided_rows_and_threads(build):
+    """Rows read in place from views that do not flatten, and the same bits on any thread count."""
+    full_x, full_y = T.logits((3, 12, 2500), torch.bfloat16)
+    sx, sy = full_x[:, 3:-1], full_y[:, 3:-1]
+    tx, ty = full_x.transpose(0, 1), full_y.transpose(0, 1)
+    upstream = torch.randn(3, 8)
+
+    def kl(u, v):
+        return visual_dependency(u, v, temperature=0.8, backend="cpu")
+
+    for gs, gc in zip(_grads(kl, sx, sy, upstream), _grads(kl, sx.contiguous(), sy.contiguous(), upstream)):
+        assert torch.equal(gs, gc)
+    upstream_t = torch.randn(12, 3)
+    for gs, gc in zip(_grads(kl, tx, ty, upstream_t), _grads(kl, tx.contiguous(), ty.contiguous(), upstream_t)):
+        assert torch.equal(gs, gc)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(kl, sx, sy, upstream)
+        torch.set_num_threads(max(3, threads))
+        many = _grads(kl, sx, sy, upstream)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_backward_with_the_compiled_pass():
     x, y = T.logits((3, 4, 9001), torch.float32, scale=2.0)
@@ -177,6 +302,16 @@ def test_from_hidden(monkeypatch):
         got = visual_dependency_from_hidden(hx, hy, w, divergence=divergence, backend="cpu", vocab_chunk_size=1024)
         ref = visual_dependency(hx @ w.T, hy @ w.T, divergence=divergence, backend="torch")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # gradients through the C backward of each vocabulary tile
+    leaves = [t.clone().requires_grad_() for t in (hx, hy, w)]
+    upstream = torch.randn(37)
+    out = visual_dependency_from_hidden(*leaves, backend="cpu", vocab_chunk_size=1024)
+    got = torch.autograd.grad((out * upstream).sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (hx, hy, w)]
+    out64 = visual_dependency(leaves64[0] @ leaves64[2].T, leaves64[1] @ leaves64[2].T, backend="torch")
+    ref = torch.autograd.grad((out64 * upstream.double()).sum(), leaves64)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_errors_name_the_backend():

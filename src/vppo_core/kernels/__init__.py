@@ -5,8 +5,8 @@ logit tensors (KL, reverse KL, Jensen-Shannon, squared Hellinger), the entropy o
 with both entropies from one pass (`divergence_and_entropies`).
 
 Three layers (as in Liger-Kernel): the kernels and launchers of each backend (``_torch``: chunked
-eager; ``_compile``: ``torch.compile``; ``_cpu``: a hand-vectorised C forward for CPU tensors, built
-at first use, as a ``torch.library`` custom op; ``_triton``: Triton GPU kernels as custom ops), the
+eager; ``_compile``: ``torch.compile``; ``_cpu``: hand-vectorised C kernels for CPU tensors, built
+at first use, as ``torch.library`` custom ops; ``_triton``: Triton GPU kernels as custom ops), the
 autograd layer that saves tensors and delegates (``_autograd``), and the public, checked functions
 in `vppo_core.dependency`, `vppo_core.entropy` and ``vppo_core._joint``, which call `divergence`,
 `divergence_from_hidden`, `entropy` and `divergence_and_entropies` here. ``_hidden`` drives any backend
@@ -21,7 +21,7 @@ Backend choice (``backend="auto"``):
 - otherwise, on the CPU, ``"cpu"`` when its C kernel builds here (a C compiler is found), then
   ``"compile"`` when ``torch.compile`` works here, else ``"torch"``. If compiling fails at run time,
   in the forward or the backward, the process warns once and uses ``"torch"`` from then on (so does
-  the backward of ``"cpu"``, which is ``"compile"``'s).
+  the JSD backward of ``"cpu"``, which is ``"compile"``'s).
 
 Every backward gives first derivatives only: differentiating a gradient taken with
 ``create_graph=True`` raises (`._autograd.first_order`).
@@ -139,7 +139,7 @@ def _dispatch(
     if name == "triton":
         return triton_fn()
     if name == "cpu":
-        return fused_fn("cpu", False)  # its backward falls back on its own (`_cpu.backward`)
+        return fused_fn("cpu", False)  # its JSD backward falls back on its own (`_cpu.backward`)
     if name == "compile":
         if backend != "auto" or torch.compiler.is_compiling():
             return fused_fn("compile", False)

@@ -1,4 +1,5 @@
-"""``"cpu"`` backend: a hand-vectorised C kernel for the forward row statistics, built at first use.
+"""``"cpu"`` backend: hand-vectorised C kernels for the forward row statistics and the backward, built
+at first use.
 
 ``torch.compile`` on the CPU leaves the forward compute-bound on the exponentials (Inductor's
 ``exp2`` is a general-purpose vector routine) and reads the next block only when it gets to it. The
@@ -15,10 +16,14 @@ directory when that is not writable), keyed by the source, the flags, the
 compiler and the CPU model and flags, so a shared home directory never hands one machine another's
 instructions. The build is about a second; later processes load the cached library.
 
-Layers. The kernel is the custom op ``vppo_core::cpu_row_stats`` (opaque to a caller's
+Layers. The forward kernel is the custom op ``vppo_core::cpu_row_stats`` (opaque to a caller's
 ``torch.compile``); the float64 finalisation is `._rows`'s (``finish_*``, shared with `._compile`),
-so both backends turn the same sums into values and saved statistics; the backward is `._compile`'s
-pointwise pass (`._torch`'s where ``torch.compile`` is unusable or fails at run time).
+so both backends turn the same sums into values and saved statistics. The backward of the KL,
+Hellinger, entropy and joint quantities is the custom op ``vppo_core::cpu_row_grads``: one read of
+each input, one write of each gradient, from float32 row constants formed here in torch exactly as
+`._torch`'s backward forms its own (`_constants`), so the two differ only in the exponential and
+the order of a few float32 operations. The JSD's backward is `._compile`'s pointwise pass
+(`._torch`'s where ``torch.compile`` is unusable or fails at run time).
 """
 
 import ctypes
@@ -119,6 +124,11 @@ def library(portable: bool = False) -> ctypes.CDLL:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     # x, y, rows, vocab, stride_x, stride_y, dtype, mode, c, out, threads
     fn.argtypes = [pointer, pointer, i64, i64, i64, i64, i32, i32, ctypes.c_double, pointer, i32]
+    grads = lib.vppo_cpu_row_grads
+    grads.restype = ctypes.c_int
+    # x, y, gx, gy, batch, seq, vocab, x strides (batch, seq), y strides, dtype, mode, c, 1/T, consts, threads
+    f64 = ctypes.c_double
+    grads.argtypes = [pointer] * 4 + [i64] * 7 + [i32, i32, f64, f64, pointer, i32]
     lib.vppo_cpu_simd_width.restype = ctypes.c_int
     return lib
 
@@ -218,17 +228,128 @@ def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Ten
     return _rows.finish_joint(s, inv_t, torch.float32)
 
 
+# ----------------------------------------------------------------------------- the backward op
+
+GCOL = 16  # columns of the kernel's per-row constants (see ``_cpu_kernel.c``)
+G_KX, G_RX, G_KY, G_RY, G_G, G_KS, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY = range(14)
+G_BC = G_AM
+
+
+@torch.library.custom_op("vppo_core::cpu_row_grads", mutates_args=())
+def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients (contiguous, in the inputs' dtype) of ``[batch, seq, vocab]`` CPU logits with unit stride
+    along the vocabulary, from float32 row constants ``[batch * seq, 16]`` (see `_constants`); for the
+    entropy (mode 2) ``y`` is ignored and the second gradient is empty."""
+    gx = torch.empty(x.shape, dtype=x.dtype)
+    gy = torch.empty(y.shape if mode != MODES["entropy"] else (0,), dtype=y.dtype)
+    if gx.numel() == 0:
+        return gx, gy
+    library(_state["portable"]).vppo_cpu_row_grads(
+        x.data_ptr(),
+        y.data_ptr(),
+        gx.data_ptr(),
+        gy.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x.shape[2],
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        DTYPES[x.dtype],
+        mode,
+        LOG2E * float(inv_t),
+        float(inv_t),
+        consts.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return gx, gy
+
+
+@row_grads.register_fake
+def _(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), y.new_empty(y.shape if mode != MODES["entropy"] else (0,))
+
+
+def _split(centre: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``(k, rest)`` of a float64 row constant in scaled units, as `._torch._centred` splits it:
+    ``x/T - centre = (x - k)/T - rest`` with ``k = centre T`` in float32 (exact near ``x = k``) and a
+    float64 remainder (0 where the centre is not finite)."""
+    k = (centre / inv_t).float()
+    return k, torch.where(torch.isfinite(centre), centre - k.double() * inv_t, 0.0)
+
+
+def _probability_constants(lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """``(k, r)`` with ``p_j = 2^{(x_j - k) c - r}``, ``c = log2(e)/T``: `._torch._probs` in base 2."""
+    k, rest = _split(lse, inv_t)
+    return k, (rest * LOG2E).float()
+
+
+def _constants(columns: dict[int, Tensor], like: Tensor) -> Tensor:
+    """float32 ``[rows, 16]`` row constants from ``{column: [batch, seq] tensor}`` (the others 0)."""
+    zero = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    cols = [columns[i].float() if i in columns else zero for i in range(GCOL)]
+    return torch.stack(cols, -1).reshape(-1, GCOL)
+
+
+def _kl_columns(lse_x: Tensor, lse_y: Tensor, a_x: Tensor, g: Tensor, inv_t: float) -> dict[int, Tensor]:
+    """``dx_j = g p_j (log(p_j/q_j) - KL)/T`` and ``dy_j = g (q_j - p_j)/T``, with ``log(p_j/q_j) - KL``
+    formed as `._torch.chunk_grads` forms it: ``(x_j - y_j)/T`` centred by the float64 lse gap."""
+    kx, rx = _probability_constants(lse_x, inv_t)
+    ky, ry = _probability_constants(lse_y, inv_t)
+    shift = _torch._lse_gap(lse_x, lse_y)
+    ks, rs = _split(shift, inv_t)
+    return {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_KS: ks, G_RS: rs, G_AM: a_x - shift}
+
+
+def _scaled(grad: Tensor, inv_t: float) -> Tensor:
+    """The upstream gradient over ``T`` in float32, as the other backends form it."""
+    return grad.float() * inv_t
+
+
+def _run(x: Tensor, y: Tensor, consts: Tensor, mode: int, temperature: float) -> tuple[Tensor, Tensor]:
+    x, y = _rows.unit_vocab_stride(x), _rows.unit_vocab_stride(y)
+    return row_grads(x, y, consts.contiguous(), mode, _inv_t(temperature))
+
+
 def backward(
     grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
 ) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. ``x`` and ``y``: `._compile.backward`, or `._torch.backward` where ``torch.compile``
-    is unusable or fails (`._compile.or_eager`: one warning, then eager for the rest of the process)."""
-    return _compile.or_eager(_compile.backward, _torch.backward, grad, x, y, stats, temperature, divergence)
+    """Gradients w.r.t. ``[batch, seq, vocab]`` ``x`` and ``y``: the C kernel for the KL and Hellinger;
+    the JSD's (which needs two logarithms per entry) is `._compile.backward`, or `._torch.backward` where
+    ``torch.compile`` is unusable or fails (`._compile.or_eager`: one warning, then eager)."""
+    if divergence == "jsd":
+        return _compile.or_eager(_compile.backward, _torch.backward, grad, x, y, stats, temperature, divergence)
+    inv_t = 1.0 / temperature
+    lse_x, lse_y, a_x, _ = stats.unbind(-1)
+    g = _scaled(grad, inv_t)
+    if divergence == "hellinger":
+        kx, rx = _probability_constants(lse_x, inv_t)
+        ky, ry = _probability_constants(lse_y, inv_t)
+        bc = torch.exp(a_x - 0.5 * (lse_x + lse_y))  # a_x holds lse((x + y)/2)
+        columns = {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_BC: bc}
+    else:
+        columns = _kl_columns(lse_x, lse_y, a_x, g, inv_t)
+    return _run(x, y, _constants(columns, grad), MODES[divergence], temperature)
 
 
 def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
-    return _compile.or_eager(_compile.entropy_backward, _torch.entropy_backward, grad, x, stats, temperature)
+    """Gradient of ``sum(grad * H)``: ``dx_j = -g p_j (x_j - a)/T`` (`._torch.entropy_chunk_grad`)."""
+    inv_t = 1.0 / temperature
+    lse, a = stats.unbind(-1)
+    kx, rx = _probability_constants(lse, inv_t)
+    ka, ra = _split(a, inv_t)
+    columns = {G_KX: kx, G_RX: rx, G_G: _scaled(grad, inv_t), G_KAX: ka, G_RAX: ra}
+    return _run(x, x, _constants(columns, grad), MODES["entropy"], temperature)[0]
 
 
 def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    return _compile.or_eager(_compile.joint_backward, _torch.joint_backward, grad, x, y, stats, temperature)
+    """Gradients of ``sum(grad * (KL, H(p), H(q)))``: the KL's and both entropies' in one pass."""
+    inv_t = 1.0 / temperature
+    lse_x, lse_y, a_x, b_x, b_y = stats.unbind(-1)
+    columns = _kl_columns(lse_x, lse_y, a_x, _scaled(grad[..., 0], inv_t), inv_t)
+    kax, rax = _split(b_x, inv_t)
+    kay, ray = _split(b_y, inv_t)
+    columns |= {G_KAX: kax, G_RAX: rax, G_GHX: _scaled(grad[..., 1], inv_t)}
+    columns |= {G_KAY: kay, G_RAY: ray, G_GHY: _scaled(grad[..., 2], inv_t)}
+    return _run(x, y, _constants(columns, lse_x), MODES["joint"], temperature)

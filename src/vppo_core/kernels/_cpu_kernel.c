@@ -1,4 +1,5 @@
-/* Row statistics of [rows, vocab] logits in one read, for the "cpu" backend (see _cpu.py).
+/* Row statistics of [rows, vocab] logits in one read, for the "cpu" backend (see _cpu.py), and at the
+ * end of the file the gradients from them.
  *
  * Built at first use by the system C compiler (-O3 -march=native); loaded with ctypes. Each thread
  * takes a contiguous range of rows. A row is read in blocks of BLOCK entries: bf16/fp16 blocks are
@@ -378,5 +379,239 @@ int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab
     for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
     if (rc) /* a thread could not start: do its rows here */
         for (int t = started + 1; t < threads; t++) run_rows(&jobs[t]);
+    return 0;
+}
+
+/* ======================================================================================= backward
+ *
+ * Gradients of [rows, vocab] logits from the row statistics the forward saved, one read of each input
+ * and one write of each gradient (see _cpu.py for the formulas and how the row constants are formed).
+ * Per row, float32 constants (GCOL columns, unused ones ignored):
+ *   G_KX, G_RX: p_j = 2^{(x_j - KX) c - RX}  (KX = lse_x T rounded, RX the base-2 remainder), same for q
+ *   G_G:        the upstream gradient over T of the KL (mode 0), Hellinger (1) or entropy (2) term
+ *   G_KS, G_RS: the KL's centre, (x_j - y_j - KS)/T - RS = log(p_j/q_j) - (lse gap) in natural units
+ *   G_AM:       a_x - (lse gap), the KL's mean; Hellinger: G_BC, the Bhattacharyya coefficient
+ *   G_KA*, G_RA*, G_GH*: the entropy's centre (x_j - KA)/T - RA = log-mean shift, and its gradient scale
+ * A row whose gradient scales are all exactly 0 gets exactly 0, without reading it.
+ */
+#define GCOL 16
+enum { G_KX, G_RX, G_KY, G_RY, G_G, G_KS, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY };
+#define G_BC G_AM
+
+typedef struct {
+    const char *x, *y;
+    char *gx, *gy;
+    int64_t row0, row1, seq, vocab, sxb, sxs, syb, sys;
+    int dtype, mode;
+    float c, inv_t;
+    const float *k;
+} gjob_t;
+
+#if VPPO_AVX512
+static inline __m512 load16(const void *src, int dtype, int64_t i, __mmask16 m) {
+    if (dtype == DT_F32) return _mm512_maskz_loadu_ps(m, (const float *)src + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)src + i);
+    if (dtype == DT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* float32 -> the dtype, rounded to nearest even (bf16: NaN -> 0x7FC0, as torch converts) */
+static inline void store16(void *dst, int dtype, int64_t i, __mmask16 m, __m512 v) {
+    if (dtype == DT_F32) {
+        _mm512_mask_storeu_ps((float *)dst + i, m, v);
+        return;
+    }
+    __m256i h;
+    if (dtype == DT_F16) {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        h = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_mask_storeu_epi16((uint16_t *)dst + i, m, h);
+}
+
+static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, char *gxr, char *gyr, const float *k) {
+    const __m512i table = _mm512_loadu_si512(EXP2_16THS);
+    const __m512 c = _mm512_set1_ps(j->c), it = _mm512_set1_ps(j->inv_t), zero = _mm512_setzero_ps();
+    const __m512 kx = _mm512_set1_ps(k[G_KX]), rx = _mm512_set1_ps(k[G_RX]), ky = _mm512_set1_ps(k[G_KY]),
+                 ry = _mm512_set1_ps(k[G_RY]), g = _mm512_set1_ps(k[G_G]), ks = _mm512_set1_ps(k[G_KS]),
+                 rs = _mm512_set1_ps(k[G_RS]), am = _mm512_set1_ps(k[G_AM]), kax = _mm512_set1_ps(k[G_KAX]),
+                 rax = _mm512_set1_ps(k[G_RAX]), ghx = _mm512_set1_ps(k[G_GHX]), kay = _mm512_set1_ps(k[G_KAY]),
+                 ray = _mm512_set1_ps(k[G_RAY]), ghy = _mm512_set1_ps(k[G_GHY]);
+    const __mmask16 live = k[G_G] != 0.0f ? 0xFFFF : 0, live_hx = k[G_GHX] != 0.0f ? 0xFFFF : 0,
+                    live_hy = k[G_GHY] != 0.0f ? 0xFFFF : 0;
+    const int mode = j->mode, dt = j->dtype;
+    for (int64_t i = 0; i < j->vocab; i += 16) {
+        __mmask16 m = j->vocab - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (j->vocab - i)) - 1), lv;
+        __m512 xv = load16(xr, dt, i, m);
+        __m512 p = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(xv, kx), c, rx), table, &lv);
+        __mmask16 px = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ); /* p > 0 (false for NaN) */
+        if (mode == MODE_ENTROPY) {
+            /* -g p ((x - KA)/T - RA) */
+            __m512 cx = _mm512_fmsub_ps(_mm512_sub_ps(xv, kax), it, rax);
+            store16(gxr, dt, i, m, _mm512_maskz_mul_ps(live & px, _mm512_mul_ps(g, p), _mm512_sub_ps(zero, cx)));
+            continue;
+        }
+        __m512 yv = load16(yr, dt, i, m);
+        __m512 q = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(yv, ky), c, ry), table, &lv);
+        __m512 gxv, gyv;
+        if (mode == MODE_HELLINGER) {
+            __m512 root = _mm512_sqrt_ps(_mm512_mul_ps(p, q)), hg = _mm512_mul_ps(_mm512_set1_ps(0.5f), g);
+            gxv = _mm512_maskz_mul_ps(live & px, hg, _mm512_fmsub_ps(am, p, root));
+            gyv = _mm512_maskz_mul_ps(live, hg, _mm512_fmsub_ps(am, q, root));
+        } else {
+            __m512 cv = _mm512_fmsub_ps(_mm512_sub_ps(_mm512_sub_ps(xv, yv), ks), it, rs);
+            gxv = _mm512_maskz_mul_ps(live & px, _mm512_mul_ps(g, p), _mm512_sub_ps(cv, am));
+            gyv = _mm512_maskz_mul_ps(live, g, _mm512_sub_ps(q, p));
+            if (mode == MODE_JOINT) {
+                __mmask16 qy = _mm512_cmp_ps_mask(q, zero, _CMP_GT_OQ);
+                __m512 cx = _mm512_fmsub_ps(_mm512_sub_ps(xv, kax), it, rax);
+                __m512 cy = _mm512_fmsub_ps(_mm512_sub_ps(yv, kay), it, ray);
+                gxv = _mm512_add_ps(gxv, _mm512_maskz_mul_ps(live_hx & px, _mm512_mul_ps(ghx, p), _mm512_sub_ps(zero, cx)));
+                gyv = _mm512_add_ps(gyv, _mm512_maskz_mul_ps(live_hy & qy, _mm512_mul_ps(ghy, q), _mm512_sub_ps(zero, cy)));
+            }
+        }
+        store16(gxr, dt, i, m, gxv);
+        store16(gyr, dt, i, m, gyv);
+    }
+}
+#define grad_row grad_row_avx512
+
+#else
+
+static inline uint16_t narrow_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if (v != v) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t narrow_f16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u;   /* NaN */
+    if (a >= 0x477FF000u) return sign | 0x7C00u;  /* rounds to infinity */
+    if (a < 0x38800000u) {                         /* below 2^-14: a subnormal (or 0), in units of 2^-24 */
+        float f;
+        memcpy(&f, &a, 4);
+        return sign | (uint16_t)lrintf(f * 16777216.0f); /* exact scaling; rint rounds to nearest even */
+    }
+    return sign | (uint16_t)((a + 0xFFFu + ((a >> 13) & 1u) - 0x38000000u) >> 13);
+}
+
+static void narrow(const float *src, int dtype, int64_t n, void *dst) {
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == DT_BF16) {
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = narrow_bf16(src[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = narrow_f16(src[i]);
+    }
+}
+
+static void widen_block(const void *src, int dtype, int64_t n, float *dst) {
+    for (int64_t i = 0; i < n; i++) dst[i] = widen(src, dtype, i);
+}
+
+static void grad_row_portable(const gjob_t *j, const char *xr, const char *yr, char *gxr, char *gyr, const float *k) {
+    const int64_t es = j->dtype == DT_F32 ? 4 : 2;
+    const float c = j->c, it = j->inv_t, kx = k[G_KX], rx = k[G_RX], ky = k[G_KY], ry = k[G_RY], g = k[G_G],
+                ks = k[G_KS], rs = k[G_RS], am = k[G_AM], kax = k[G_KAX], rax = k[G_RAX], ghx = k[G_GHX],
+                kay = k[G_KAY], ray = k[G_RAY], ghy = k[G_GHY];
+    const int live = g != 0.0f, live_hx = ghx != 0.0f, live_hy = ghy != 0.0f, mode = j->mode;
+    float bx[BLOCK] __attribute__((aligned(64))), by[BLOCK] __attribute__((aligned(64)));
+    float ox[BLOCK] __attribute__((aligned(64))), oy[BLOCK] __attribute__((aligned(64)));
+    for (int64_t b0 = 0; b0 < j->vocab; b0 += BLOCK) {
+        int64_t n = j->vocab - b0 < BLOCK ? j->vocab - b0 : BLOCK;
+        widen_block(xr + b0 * es, j->dtype, n, bx);
+        if (mode != MODE_ENTROPY) widen_block(yr + b0 * es, j->dtype, n, by);
+        if (mode == MODE_ENTROPY) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                float p = exp2_neg((bx[i] - kx) * c - rx);
+                ox[i] = live && p > 0.0f ? g * p * -((bx[i] - kax) * it - rax) : 0.0f;
+            }
+        } else if (mode == MODE_HELLINGER) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                float p = exp2_neg((bx[i] - kx) * c - rx), q = exp2_neg((by[i] - ky) * c - ry);
+                float root = sqrtf(p * q);
+                ox[i] = live && p > 0.0f ? 0.5f * g * (am * p - root) : 0.0f;
+                oy[i] = live ? 0.5f * g * (am * q - root) : 0.0f;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                float p = exp2_neg((bx[i] - kx) * c - rx), q = exp2_neg((by[i] - ky) * c - ry);
+                float cv = ((bx[i] - by[i]) - ks) * it - rs;
+                float gx = live && p > 0.0f ? g * p * (cv - am) : 0.0f;
+                float gy = live ? g * (q - p) : 0.0f;
+                if (mode == MODE_JOINT) {
+                    gx += live_hx && p > 0.0f ? ghx * p * -((bx[i] - kax) * it - rax) : 0.0f;
+                    gy += live_hy && q > 0.0f ? ghy * q * -((by[i] - kay) * it - ray) : 0.0f;
+                }
+                ox[i] = gx, oy[i] = gy;
+            }
+        }
+        narrow(ox, j->dtype, n, gxr + b0 * es);
+        if (mode != MODE_ENTROPY) narrow(oy, j->dtype, n, gyr + b0 * es);
+    }
+}
+#define grad_row grad_row_portable
+#endif
+
+static void *run_grad_rows(void *arg) {
+    const gjob_t *j = (const gjob_t *)arg;
+    const int64_t es = j->dtype == DT_F32 ? 4 : 2;
+    for (int64_t row = j->row0; row < j->row1; row++) {
+        const float *k = j->k + row * GCOL;
+        int64_t b = row / j->seq, s = row % j->seq;
+        char *gxr = j->gx + row * j->vocab * es, *gyr = j->mode == MODE_ENTROPY ? NULL : j->gy + row * j->vocab * es;
+        int zero = k[G_G] == 0.0f && (j->mode != MODE_JOINT || (k[G_GHX] == 0.0f && k[G_GHY] == 0.0f));
+        if (zero) { /* a masked row: exactly 0, whatever it holds */
+            memset(gxr, 0, (size_t)(j->vocab * es));
+            if (gyr) memset(gyr, 0, (size_t)(j->vocab * es));
+            continue;
+        }
+        grad_row(j, j->x + (b * j->sxb + s * j->sxs) * es, j->y + (b * j->syb + s * j->sys) * es, gxr, gyr, k);
+    }
+    return NULL;
+}
+
+/* Fill gx (and gy unless mode 2), contiguous [batch * seq, vocab] in the inputs' dtype, for inputs
+ * [batch, seq, vocab] with unit vocabulary stride and element strides (sxb, sxs), (syb, sys). */
+int vppo_cpu_row_grads(const void *x, const void *y, void *gx, void *gy, int64_t batch, int64_t seq, int64_t vocab,
+                       int64_t sxb, int64_t sxs, int64_t syb, int64_t sys, int dtype, int mode, double c, double inv_t,
+                       const float *k, int threads) {
+    enum { MAX_THREADS = 256 };
+    int64_t rows = batch * seq;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
+    gjob_t jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started = 0, rc = 0;
+    for (int t = 0; t < threads; t++) {
+        gjob_t j = {(const char *)x, (const char *)y, (char *)gx, (char *)gy, rows * t / threads,
+                    rows * (t + 1) / threads, seq, vocab, sxb, sxs, syb, sys, dtype, mode, (float)c, (float)inv_t, k};
+        jobs[t] = j;
+    }
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], NULL, run_grad_rows, &jobs[t]) != 0) {
+            rc = 1;
+            break;
+        }
+        started = t;
+    }
+    run_grad_rows(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
+    if (rc)
+        for (int t = started + 1; t < threads; t++) run_grad_rows(&jobs[t]);
     return 0;
 }
