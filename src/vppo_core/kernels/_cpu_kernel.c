@@ -225,43 +225,57 @@ static float load_avx512(const void *src, int dtype, int64_t n, float *dst, cons
     return _mm512_reduce_max_ps(m);
 }
 
+typedef struct {
+    __m512 sx, d, hx, sy, hy, b;
+} acc_t;
+
+/* One vector of 16 entries (the lanes outside k are -inf, which add nothing). */
+static inline __attribute__((always_inline)) void step_avx512(acc_t *a, const float *x, const float *y, __mmask16 k,
+                                                             __m512 vmx, __m512 vmy, __m512 vc, __m512i table,
+                                                             int mode) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __mmask16 lx, ly;
+    __m512 xv = _mm512_mask_loadu_ps(ninf, k, x);
+    __m512 tx = _mm512_mul_ps(_mm512_sub_ps(xv, vmx), vc);
+    __m512 ex = exp2_v(tx, table, &lx);
+    a->sx = _mm512_add_ps(a->sx, ex);
+    if (mode == MODE_ENTROPY) {
+        a->hx = _mm512_mask3_fmadd_ps(ex, tx, a->hx, lx);
+        return;
+    }
+    __m512 yv = _mm512_mask_loadu_ps(ninf, k, y);
+    __m512 ty = _mm512_mul_ps(_mm512_sub_ps(yv, vmy), vc);
+    __m512 ey = exp2_v(ty, table, &ly);
+    a->sy = _mm512_add_ps(a->sy, ey);
+    if (mode == MODE_HELLINGER) {
+        a->b = _mm512_add_ps(a->b, _mm512_sqrt_ps(_mm512_mul_ps(ex, ey)));
+        return;
+    }
+    __mmask16 finite_x = _mm512_cmp_ps_mask(xv, ninf, _CMP_NEQ_UQ);
+    a->d = _mm512_mask3_fmadd_ps(ex, _mm512_sub_ps(xv, yv), a->d, finite_x);
+    if (mode == MODE_JOINT) {
+        a->hx = _mm512_mask3_fmadd_ps(ex, tx, a->hx, lx);
+        a->hy = _mm512_mask3_fmadd_ps(ey, ty, a->hy, ly);
+    }
+}
+
 static inline sums_t block_avx512(const float *x, const float *y, int64_t n, float mx, float my, float c, int mode,
                                   const char *pfx, const char *pfy, int64_t pf_step) {
     const __m512i table = _mm512_loadu_si512(EXP2_16THS);
-    const __m512 vc = _mm512_set1_ps(c), ninf = _mm512_set1_ps(-INFINITY);
+    const __m512 vc = _mm512_set1_ps(c);
     /* (x - m) c, not x c - m c: a rounded m c would shift each block by a different error */
     const __m512 vmx = _mm512_set1_ps(mx == -INFINITY ? 0.0f : mx), vmy = _mm512_set1_ps(my == -INFINITY ? 0.0f : my);
-    __m512 sx = _mm512_setzero_ps(), d = sx, hx = sx, sy = sx, hy = sx, b = sx;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    acc_t a = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+               _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) { /* full vectors: no lane mask to build */
         _mm_prefetch(pfx + i * pf_step, _MM_HINT_T0);
-        __mmask16 lx, ly;
-        __m512 xv = _mm512_mask_loadu_ps(ninf, k, x + i);
-        __m512 tx = _mm512_mul_ps(_mm512_sub_ps(xv, vmx), vc);
-        __m512 ex = exp2_v(tx, table, &lx);
-        sx = _mm512_add_ps(sx, ex);
-        if (mode == MODE_ENTROPY) {
-            hx = _mm512_mask3_fmadd_ps(ex, tx, hx, lx);
-            continue;
-        }
-        _mm_prefetch(pfy + i * pf_step, _MM_HINT_T0);
-        __m512 yv = _mm512_mask_loadu_ps(ninf, k, y + i);
-        __m512 ty = _mm512_mul_ps(_mm512_sub_ps(yv, vmy), vc);
-        __m512 ey = exp2_v(ty, table, &ly);
-        sy = _mm512_add_ps(sy, ey);
-        if (mode == MODE_HELLINGER) {
-            b = _mm512_add_ps(b, _mm512_sqrt_ps(_mm512_mul_ps(ex, ey)));
-            continue;
-        }
-        __mmask16 finite_x = _mm512_cmp_ps_mask(xv, ninf, _CMP_NEQ_UQ);
-        d = _mm512_mask3_fmadd_ps(ex, _mm512_sub_ps(xv, yv), d, finite_x);
-        if (mode == MODE_JOINT) {
-            hx = _mm512_mask3_fmadd_ps(ex, tx, hx, lx);
-            hy = _mm512_mask3_fmadd_ps(ey, ty, hy, ly);
-        }
+        if (mode != MODE_ENTROPY) _mm_prefetch(pfy + i * pf_step, _MM_HINT_T0);
+        step_avx512(&a, x + i, y + i, (__mmask16)0xFFFF, vmx, vmy, vc, table, mode);
     }
-    sums_t r = {_mm512_reduce_add_ps(sx), _mm512_reduce_add_ps(d), _mm512_reduce_add_ps(hx) / c,
-                _mm512_reduce_add_ps(sy), _mm512_reduce_add_ps(hy) / c, _mm512_reduce_add_ps(b)};
+    if (i < n) step_avx512(&a, x + i, y + i, (__mmask16)((1u << (n - i)) - 1), vmx, vmy, vc, table, mode);
+    sums_t r = {_mm512_reduce_add_ps(a.sx), _mm512_reduce_add_ps(a.d), _mm512_reduce_add_ps(a.hx) / c,
+                _mm512_reduce_add_ps(a.sy), _mm512_reduce_add_ps(a.hy) / c, _mm512_reduce_add_ps(a.b)};
     return r;
 }
 #endif
