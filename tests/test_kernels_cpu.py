@@ -273,6 +273,18 @@ def test_backward_strided_rows_and_threads(build):
         assert torch.equal(a, b)
 
 
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementation and AOT dispatch of both C ops agree with the real ones."""
+    x, y = T.logits((2, 3, 300), torch.bfloat16)
+    inv_t = torch.tensor(1.0 / 0.8, dtype=torch.float64)
+    torch.library.opcheck(_cpu.row_stats, (x.view(6, 300), y.view(6, 300), _cpu.MODES["kl"], inv_t))
+    _, stats = _cpu.forward(x, y, 0.8, "kl")
+    cols = _cpu._kl_columns(*stats.unbind(-1)[:3], torch.randn(2, 3), 1.0 / 0.8)
+    consts = _cpu._constants(cols, stats[..., 0]).contiguous()
+    for mode in ("kl", "hellinger", "entropy", "joint"):
+        torch.library.opcheck(_cpu.row_grads, (x, y, consts, _cpu.MODES[mode], inv_t))
+
+
 @pytest.mark.slow
 def test_backward_with_the_compiled_pass():
     x, y = T.logits((3, 4, 9001), torch.float32, scale=2.0)
