@@ -367,32 +367,45 @@ static void *run_rows(void *arg) {
     return NULL;
 }
 
-/* Fill out[rows, 7] (float64) for the rows of x (and y), row i at x + i * stride_x elements. */
-int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab, int64_t stride_x, int64_t stride_y,
-                       int dtype, int mode, double c, double *out, int threads) {
-    enum { MAX_THREADS = 256 };
+#define MAX_THREADS 256
+
+/* The number of threads to use for `rows` rows: 1 to MAX_THREADS, at most one a row. */
+static int thread_count(int threads, int64_t rows) {
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
-    job_t jobs[MAX_THREADS];
+    return threads;
+}
+
+/* Run fn on each of the n jobs (`size` bytes apart): jobs 1.. on new threads, job 0 on this one; the
+ * jobs of threads that could not start run here afterwards. */
+static void run_jobs(void *(*fn)(void *), char *jobs, size_t size, int n) {
     pthread_t ids[MAX_THREADS];
     int started = 0, rc = 0;
-    for (int t = 0; t < threads; t++) {
-        job_t j = {(const char *)x, (const char *)y, rows * t / threads, rows * (t + 1) / threads, vocab,
-                   stride_x, stride_y, dtype, mode, c, out};
-        jobs[t] = j;
-    }
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], NULL, run_rows, &jobs[t]) != 0) {
+    for (int t = 1; t < n; t++) {
+        if (pthread_create(&ids[t], NULL, fn, jobs + (size_t)t * size) != 0) {
             rc = 1;
             break;
         }
         started = t;
     }
-    run_rows(&jobs[0]);
+    fn(jobs);
     for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    if (rc) /* a thread could not start: do its rows here */
-        for (int t = started + 1; t < threads; t++) run_rows(&jobs[t]);
+    if (rc)
+        for (int t = started + 1; t < n; t++) fn(jobs + (size_t)t * size);
+}
+
+/* Fill out[rows, 7] (float64) for the rows of x (and y), row i at x + i * stride_x elements. */
+int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab, int64_t stride_x, int64_t stride_y,
+                       int dtype, int mode, double c, double *out, int threads) {
+    job_t jobs[MAX_THREADS];
+    threads = thread_count(threads, rows);
+    for (int t = 0; t < threads; t++) {
+        job_t j = {(const char *)x, (const char *)y, rows * t / threads, rows * (t + 1) / threads, vocab,
+                   stride_x, stride_y, dtype, mode, c, out};
+        jobs[t] = j;
+    }
+    run_jobs(run_rows, (char *)jobs, sizeof(job_t), threads);
     return 0;
 }
 
@@ -603,29 +616,14 @@ static void *run_grad_rows(void *arg) {
 int vppo_cpu_row_grads(const void *x, const void *y, void *gx, void *gy, int64_t batch, int64_t seq, int64_t vocab,
                        int64_t sxb, int64_t sxs, int64_t syb, int64_t sys, int dtype, int mode, double c, double inv_t,
                        const float *k, int threads) {
-    enum { MAX_THREADS = 256 };
-    int64_t rows = batch * seq;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > rows) threads = (int)(rows > 0 ? rows : 1);
+    const int64_t rows = batch * seq;
     gjob_t jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started = 0, rc = 0;
+    threads = thread_count(threads, rows);
     for (int t = 0; t < threads; t++) {
         gjob_t j = {(const char *)x, (const char *)y, (char *)gx, (char *)gy, rows * t / threads,
                     rows * (t + 1) / threads, seq, vocab, sxb, sxs, syb, sys, dtype, mode, (float)c, (float)inv_t, k};
         jobs[t] = j;
     }
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], NULL, run_grad_rows, &jobs[t]) != 0) {
-            rc = 1;
-            break;
-        }
-        started = t;
-    }
-    run_grad_rows(&jobs[0]);
-    for (int t = 1; t <= started; t++) pthread_join(ids[t], NULL);
-    if (rc)
-        for (int t = started + 1; t < threads; t++) run_grad_rows(&jobs[t]);
+    run_jobs(run_grad_rows, (char *)jobs, sizeof(gjob_t), threads);
     return 0;
 }
