@@ -17,7 +17,16 @@ from vppo_core import token_entropy, visual_dependency, visual_dependency_and_en
 from . import test_joint as joint_tests
 from . import test_kernels_entropy as entropy_tests
 from .helpers import assert_inputs_unchanged, random_mask
-from .test_kernels import GRAD_TOL, TOL, _grad_error, assert_no_worse_than_naive, logits, naive, oracle
+from .test_kernels import (
+    GRAD_TOL,
+    TOL,
+    _grad_error,
+    assert_no_worse_than_naive,
+    check_offsets,
+    logits,
+    naive,
+    oracle,
+)
 from .test_kernels_robustness import SECOND_ORDER
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -124,6 +133,19 @@ def test_small_temperatures_and_large_offsets_keep_the_dtypes_accuracy():
     for off in (0.0, 1e4):
         bound = 4 * _grad_error(plain, x + off, y + off, upstream) + 1e-6
         assert _grad_error(ours, x + off, y + off, upstream) <= bound
+
+
+def test_an_offset_between_the_inputs_costs_no_accuracy():
+    # the forward keeps the KL's sum centred at the running shifts, the backward forms log(p/q) from
+    # x - k_x and y - k_y (test_kernels.check_offsets)
+    def dep(a, b):
+        return visual_dependency(*on_device(a, b), backend="triton").cpu()
+
+    def joint(a, b):
+        return visual_dependency_and_entropies(*on_device(a, b), backend="triton")[0].cpu()
+
+    check_offsets(dep, rows=2, vocab=1300)
+    check_offsets(joint, rows=2, vocab=1300)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

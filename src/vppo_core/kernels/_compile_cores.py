@@ -80,13 +80,26 @@ def _rescaled(main: Tensor, tail: Tensor, w: Tensor, w_tail: Tensor) -> Tensor:
 
 
 def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Raw maxima and base-2 sums over the last axis of float32 blocks ``[..., n]``."""
+    """Raw maxima and base-2 sums over the last axis of float32 blocks ``[..., n]``.
+
+    ``d`` is centred, ``sum e_j ((x_j - m_x) - (y_j - m_y))`` (in units of ``1/c``): ``x_j - y_j`` would
+    round to ``eps |x_j - y_j|``, a large error where the two inputs are offset from each other, while
+    ``x_j - m_x`` is exact near the block's top. `_centred_d` adds ``(m_x - m_y) s_x`` back in float64.
+    """
     mx = x.amax(-1, keepdim=True)
     my = y.amax(-1, keepdim=True)
-    ex = torch.exp2((x - _finite_or_zero(mx)) * c)
-    ey = torch.exp2((y - _finite_or_zero(my)) * c)
-    d = torch.where(x > _NEG_INF, ex * (x - y), 0.0).sum(-1)
+    tx = (x - _finite_or_zero(mx)) * c
+    ty = (y - _finite_or_zero(my)) * c
+    ex = torch.exp2(tx)
+    ey = torch.exp2(ty)
+    d = torch.where(x > _NEG_INF, ex * (tx - ty), 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
+
+
+def _centred_d(d: Tensor, s: Tensor, mx: Tensor, my: Tensor, c: Tensor) -> Tensor:
+    """float64 ``sum e_j (x_j - y_j)`` of one block from its centred ``d`` (`_block_stats`) and ``s_x``."""
+    shift = _finite_or_zero(mx).double() - _finite_or_zero(my).double()
+    return d.double() / c.double() + shift * s.double()
 
 
 def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -104,15 +117,23 @@ def _lse_stats(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor, Ten
     ``vocab > BLOCK``: full blocks plus a tail (`_blocks`); ``vocab <= BLOCK``: one block per row.
     """
     c, _, main, tail = _block_pass(_block_stats, (x, y), inv_t)
+    return _rows.finish_lse(*_kl_merge(main, tail, c), inv_t)
+
+
+def _kl_merge(main: Stats, tail: Stats | None, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row ``(M_x, S_x, D, M_y, S_y)`` from `_block_stats`' block sums: ``S_x`` and ``D`` in float64 with
+    the same weights, so that ``D / S_x`` keeps the blocks' shifts ``m_x - m_y`` exactly."""
     if tail is None:
         mx, sx, d, my, sy = main
-    else:
-        mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
-        my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
-        sx = _rescaled(main[1], tail[1], wx, wx_tail)
-        d = _rescaled(main[2], tail[2], wx, wx_tail)
-        sy = _rescaled(main[4], tail[4], wy, wy_tail)
-    return _rows.finish_lse(mx, sx, d, my, sy, inv_t)
+        return mx, sx.double(), _centred_d(d, sx, mx, my, c), my, sy.double()
+    mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
+    my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
+    wx, wx_tail = wx.double(), wx_tail.double()
+    sx = _rescaled(main[1].double(), tail[1].double(), wx, wx_tail)
+    d_main = _centred_d(main[2], main[1], main[0], main[3], c)
+    d = _rescaled(d_main, _centred_d(tail[2], tail[1], tail[0], tail[3], c), wx, wx_tail)
+    sy = _rescaled(main[4].double(), tail[4].double(), wy.double(), wy_tail.double())  # as S_x: KL(p, p) = 0
+    return mx, sx, d, my, sy
 
 
 def _hellinger_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -178,7 +199,7 @@ def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
     ex = torch.exp2(sx_ * c)
     ey = torch.exp2(sy_ * c)
     live_x = x > _NEG_INF
-    d = torch.where(live_x, ex * (x - y), 0.0).sum(-1)
+    d = torch.where(live_x, ex * (sx_ - sy_) * c, 0.0).sum(-1)  # centred, as in `_block_stats`
     hx = torch.where(live_x, ex * sx_, 0.0).sum(-1)
     hy = torch.where(y > _NEG_INF, ey * sy_, 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1), hx, hy
@@ -191,14 +212,12 @@ def joint_forward_core(x: Tensor, y: Tensor, inv_t: Tensor) -> tuple[Tensor, Ten
     `entropy_forward_core`); the stats are ``(lse_x, lse_y, a_x, b_x, b_y)`` (see `._torch`).
     """
     c, acc, main, tail = _block_pass(_joint_block_stats, (x, y), inv_t)
+    mx, sx, d, my, sy = _kl_merge(main[:5], None if tail is None else tail[:5], c)
     if tail is None:
-        mx, sx, d, my, sy, hx, hy = main
+        hx, hy = main[5], main[6]
     else:
-        mx, shx, shx_t, wx, wx_t = _merge(main[0], tail[0], c)
-        my, shy, shy_t, wy, wy_t = _merge(main[3], tail[3], c)
-        sx = _rescaled(main[1], tail[1], wx, wx_t)
-        d = _rescaled(main[2], tail[2], wx, wx_t)
-        sy = _rescaled(main[4], tail[4], wy, wy_t)
+        _, shx, shx_t, wx, wx_t = _merge(main[0], tail[0], c)
+        _, shy, shy_t, wy, wy_t = _merge(main[3], tail[3], c)
         hx = _rescaled(main[5] + shx * main[1], tail[5] + shx_t * tail[1], wx, wx_t)
         hy = _rescaled(main[6] + shy * main[4], tail[6] + shy_t * tail[4], wy, wy_t)
     return _rows.finish_joint((mx, sx, d, my, sy, hx, hy), inv_t, acc)

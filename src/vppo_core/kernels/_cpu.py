@@ -231,7 +231,7 @@ def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Ten
 # ----------------------------------------------------------------------------- the backward op
 
 GCOL = 16  # columns of the kernel's per-row constants (see ``_cpu_kernel.c``)
-G_KX, G_RX, G_KY, G_RY, G_G, G_KS, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY = range(14)
+G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY = range(13)
 G_BC = G_AM
 
 
@@ -275,8 +275,7 @@ def _split(centre: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     """``(k, rest)`` of a float64 row constant in scaled units, as `._torch._centred` splits it:
     ``x/T - centre = (x - k)/T - rest`` with ``k = centre T`` in float32 (exact near ``x = k``) and a
     float64 remainder (0 where the centre is not finite)."""
-    k = (centre / inv_t).float()
-    return k, torch.where(torch.isfinite(centre), centre - k.double() * inv_t, 0.0)
+    return _torch._split(centre, inv_t, torch.float32)
 
 
 def _probability_constants(lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
@@ -293,13 +292,14 @@ def _constants(columns: dict[int, Tensor], like: Tensor) -> Tensor:
 
 
 def _kl_columns(lse_x: Tensor, lse_y: Tensor, a_x: Tensor, g: Tensor, inv_t: float) -> dict[int, Tensor]:
-    """``dx_j = g p_j (log(p_j/q_j) - KL)/T`` and ``dy_j = g (q_j - p_j)/T``, with ``log(p_j/q_j) - KL``
-    formed as `._torch.chunk_grads` forms it: ``(x_j - y_j)/T`` centred by the float64 lse gap."""
-    kx, rx = _probability_constants(lse_x, inv_t)
-    ky, ry = _probability_constants(lse_y, inv_t)
-    shift = _torch._lse_gap(lse_x, lse_y)
-    ks, rs = _split(shift, inv_t)
-    return {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_KS: ks, G_RS: rs, G_AM: a_x - shift}
+    """``dx_j = g p_j (log(p_j/q_j) - KL)/T`` and ``dy_j = g (q_j - p_j)/T``, formed as `._torch.chunk_grads`
+    forms them: ``log(p_j/q_j) = ((x_j - k_x) - (y_j - k_y))/T - (r_x - r_y)`` (`._torch._log_ratio`) and
+    the KL ``a_x - (lse_x - lse_y)`` in float64."""
+    kx, rx2 = _probability_constants(lse_x, inv_t)
+    ky, ry2 = _probability_constants(lse_y, inv_t)
+    rest = _split(lse_x, inv_t)[1] - _split(lse_y, inv_t)[1]
+    kl = a_x - (lse_x - lse_y)
+    return {G_KX: kx, G_RX: rx2, G_KY: ky, G_RY: ry2, G_G: g, G_RS: rest, G_AM: kl}
 
 
 def _scaled(grad: Tensor, inv_t: float) -> Tensor:

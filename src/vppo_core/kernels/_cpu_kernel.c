@@ -10,7 +10,8 @@
  *
  * With c = log2(e) / T, a block maximum m and e_j = 2^{c (x_j - m)}, the sums are
  *   s = sum e_j,  h = sum e_j (x_j - m),  d = sum_{x_j > -inf} e_j (x_j - y_j),  b = sum sqrt(e^x_j e^y_j),
- * and per row the output is (double, 7 columns; the unused ones are 0):
+ * (d is formed centred, as sum e_j ((x_j - m_x) - (y_j - m_y)), and the block's m_x - m_y is added back
+ * in float64 when the blocks are merged), and per row the output is (double, 7 columns; unused ones 0):
  *   mode 0, KL:        M_x, S_x, D,   M_y, S_y
  *   mode 1, Hellinger: M_x, S_x, M_y, S_y, B      (B at the shift (M_x + M_y) / 2)
  *   mode 2, entropy:   M_x, S_x, H_x              (y is not read)
@@ -154,7 +155,7 @@ static inline sums_t block_portable(const float *x, const float *y, int64_t n, f
             if (mode == MODE_HELLINGER) {
                 b += sqrtf(ex * ey);
             } else {
-                d += x[i] != -INFINITY ? ex * (x[i] - y[i]) : 0.0f;
+                d += x[i] != -INFINITY ? ex * (tx - ty) : 0.0f; /* centred: see the merge */
                 if (mode == MODE_JOINT) {
                     hx += ex > 0.0f ? ex * tx : 0.0f;
                     hy += ey > 0.0f ? ey * ty : 0.0f;
@@ -162,7 +163,7 @@ static inline sums_t block_portable(const float *x, const float *y, int64_t n, f
             }
         }
     }
-    sums_t r = {sx, d, hx / c, sy, hy / c, b};
+    sums_t r = {sx, d / c, hx / c, sy, hy / c, b};
     return r;
 }
 
@@ -252,7 +253,7 @@ static inline __attribute__((always_inline)) void step_avx512(acc_t *a, const fl
         return;
     }
     __mmask16 finite_x = _mm512_cmp_ps_mask(xv, ninf, _CMP_NEQ_UQ);
-    a->d = _mm512_mask3_fmadd_ps(ex, _mm512_sub_ps(xv, yv), a->d, finite_x);
+    a->d = _mm512_mask3_fmadd_ps(ex, _mm512_sub_ps(tx, ty), a->d, finite_x); /* centred: see the merge */
     if (mode == MODE_JOINT) {
         a->hx = _mm512_mask3_fmadd_ps(ex, tx, a->hx, lx);
         a->hy = _mm512_mask3_fmadd_ps(ey, ty, a->hy, ly);
@@ -274,7 +275,7 @@ static inline sums_t block_avx512(const float *x, const float *y, int64_t n, flo
         step_avx512(&a, x + i, y + i, (__mmask16)0xFFFF, vmx, vmy, vc, table, mode);
     }
     if (i < n) step_avx512(&a, x + i, y + i, (__mmask16)((1u << (n - i)) - 1), vmx, vmy, vc, table, mode);
-    sums_t r = {_mm512_reduce_add_ps(a.sx), _mm512_reduce_add_ps(a.d), _mm512_reduce_add_ps(a.hx) / c,
+    sums_t r = {_mm512_reduce_add_ps(a.sx), _mm512_reduce_add_ps(a.d) / c, _mm512_reduce_add_ps(a.hx) / c,
                 _mm512_reduce_add_ps(a.sy), _mm512_reduce_add_ps(a.hy) / c, _mm512_reduce_add_ps(a.b)};
     return r;
 }
@@ -346,7 +347,11 @@ static void *run_rows(void *arg) {
             }
             double mx_old = sx.m, my_old = sy.m, wxo, wxb, wyo = 0, wyb = 0;
             merge_side(&sx, mx, s.sx, s.hx, j->c, &wxo, &wxb);
-            d = wxo * d + (wxb > 0 ? wxb * (double)s.d : 0.0);
+            /* the block's d is centred, sum e_j ((x_j - m_x) - (y_j - m_y)), so that no rounding of x - y
+             * proportional to a common offset of the inputs enters; the shift m_x - m_y is added back here,
+             * in float64, against the same float64 weights as S_x (so D / S_x keeps it exactly) */
+            double shift = (mx == -INFINITY ? 0.0 : (double)mx) - (my == -INFINITY ? 0.0 : (double)my);
+            d = wxo * d + (wxb > 0 ? wxb * ((double)s.d + shift * (double)s.sx) : 0.0);
             if (j->mode != MODE_ENTROPY) merge_side(&sy, my, s.sy, s.hy, j->c, &wyo, &wyb);
             if (j->mode == MODE_HELLINGER) {
                 /* B is kept at the shift (M_x + M_y) / 2: each part moves by half of each maximum's move */
@@ -416,13 +421,13 @@ int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab
  * Per row, float32 constants (GCOL columns, unused ones ignored):
  *   G_KX, G_RX: p_j = 2^{(x_j - KX) c - RX}  (KX = lse_x T rounded, RX the base-2 remainder), same for q
  *   G_G:        the upstream gradient over T of the KL (mode 0), Hellinger (1) or entropy (2) term
- *   G_KS, G_RS: the KL's centre, (x_j - y_j - KS)/T - RS = log(p_j/q_j) - (lse gap) in natural units
- *   G_AM:       a_x - (lse gap), the KL's mean; Hellinger: G_BC, the Bhattacharyya coefficient
+ *   G_RS:       the remainders' difference in natural units: log(p_j/q_j) = ((x_j - KX) - (y_j - KY))/T - RS
+ *   G_AM:       the KL, a_x - (lse_x - lse_y); Hellinger: G_BC, the Bhattacharyya coefficient
  *   G_KA*, G_RA*, G_GH*: the entropy's centre (x_j - KA)/T - RA = log-mean shift, and its gradient scale
  * A row whose gradient scales are all exactly 0 gets exactly 0, without reading it.
  */
 #define GCOL 16
-enum { G_KX, G_RX, G_KY, G_RY, G_G, G_KS, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY };
+enum { G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY };
 #define G_BC G_AM
 
 typedef struct {
@@ -465,8 +470,7 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
     const __m512i table = _mm512_loadu_si512(EXP2_16THS);
     const __m512 c = _mm512_set1_ps(j->c), it = _mm512_set1_ps(j->inv_t), zero = _mm512_setzero_ps();
     const __m512 kx = _mm512_set1_ps(k[G_KX]), rx = _mm512_set1_ps(k[G_RX]), ky = _mm512_set1_ps(k[G_KY]),
-                 ry = _mm512_set1_ps(k[G_RY]), g = _mm512_set1_ps(k[G_G]), ks = _mm512_set1_ps(k[G_KS]),
-                 rs = _mm512_set1_ps(k[G_RS]), am = _mm512_set1_ps(k[G_AM]), kax = _mm512_set1_ps(k[G_KAX]),
+                 ry = _mm512_set1_ps(k[G_RY]), g = _mm512_set1_ps(k[G_G]), rs = _mm512_set1_ps(k[G_RS]), am = _mm512_set1_ps(k[G_AM]), kax = _mm512_set1_ps(k[G_KAX]),
                  rax = _mm512_set1_ps(k[G_RAX]), ghx = _mm512_set1_ps(k[G_GHX]), kay = _mm512_set1_ps(k[G_KAY]),
                  ray = _mm512_set1_ps(k[G_RAY]), ghy = _mm512_set1_ps(k[G_GHY]);
     const __mmask16 live = k[G_G] != 0.0f ? 0xFFFF : 0, live_hx = k[G_GHX] != 0.0f ? 0xFFFF : 0,
@@ -474,8 +478,8 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
     const int mode = j->mode, dt = j->dtype;
     for (int64_t i = 0; i < j->vocab; i += 16) {
         __mmask16 m = j->vocab - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (j->vocab - i)) - 1), lv;
-        __m512 xv = load16(xr, dt, i, m);
-        __m512 p = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(xv, kx), c, rx), table, &lv);
+        __m512 xv = load16(xr, dt, i, m), dx = _mm512_sub_ps(xv, kx); /* exact near the row's top */
+        __m512 p = exp2_v(_mm512_fmsub_ps(dx, c, rx), table, &lv);
         __mmask16 px = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ); /* p > 0 (false for NaN) */
         if (mode == MODE_ENTROPY) {
             /* -g p ((x - KA)/T - RA) */
@@ -483,15 +487,15 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
             store16(gxr, dt, i, m, _mm512_maskz_mul_ps(live & px, _mm512_mul_ps(g, p), _mm512_sub_ps(zero, cx)));
             continue;
         }
-        __m512 yv = load16(yr, dt, i, m);
-        __m512 q = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(yv, ky), c, ry), table, &lv);
+        __m512 yv = load16(yr, dt, i, m), dy = _mm512_sub_ps(yv, ky);
+        __m512 q = exp2_v(_mm512_fmsub_ps(dy, c, ry), table, &lv);
         __m512 gxv, gyv;
         if (mode == MODE_HELLINGER) {
             __m512 root = _mm512_sqrt_ps(_mm512_mul_ps(p, q)), hg = _mm512_mul_ps(_mm512_set1_ps(0.5f), g);
             gxv = _mm512_maskz_mul_ps(live & px, hg, _mm512_fmsub_ps(am, p, root));
             gyv = _mm512_maskz_mul_ps(live, hg, _mm512_fmsub_ps(am, q, root));
         } else {
-            __m512 cv = _mm512_fmsub_ps(_mm512_sub_ps(_mm512_sub_ps(xv, yv), ks), it, rs);
+            __m512 cv = _mm512_fmsub_ps(_mm512_sub_ps(dx, dy), it, rs); /* log(p/q), no x - y rounding */
             gxv = _mm512_maskz_mul_ps(live & px, _mm512_mul_ps(g, p), _mm512_sub_ps(cv, am));
             gyv = _mm512_maskz_mul_ps(live, g, _mm512_sub_ps(q, p));
             if (mode == MODE_JOINT) {
@@ -549,7 +553,7 @@ static void widen_block(const void *src, int dtype, int64_t n, float *dst) {
 static void grad_row_portable(const gjob_t *j, const char *xr, const char *yr, char *gxr, char *gyr, const float *k) {
     const int64_t es = j->dtype == DT_F32 ? 4 : 2;
     const float c = j->c, it = j->inv_t, kx = k[G_KX], rx = k[G_RX], ky = k[G_KY], ry = k[G_RY], g = k[G_G],
-                ks = k[G_KS], rs = k[G_RS], am = k[G_AM], kax = k[G_KAX], rax = k[G_RAX], ghx = k[G_GHX],
+                rs = k[G_RS], am = k[G_AM], kax = k[G_KAX], rax = k[G_RAX], ghx = k[G_GHX],
                 kay = k[G_KAY], ray = k[G_RAY], ghy = k[G_GHY];
     const int live = g != 0.0f, live_hx = ghx != 0.0f, live_hy = ghy != 0.0f, mode = j->mode;
     float bx[BLOCK] __attribute__((aligned(64))), by[BLOCK] __attribute__((aligned(64)));
@@ -575,8 +579,9 @@ static void grad_row_portable(const gjob_t *j, const char *xr, const char *yr, c
         } else {
 #pragma omp simd
             for (int64_t i = 0; i < n; i++) {
-                float p = exp2_neg((bx[i] - kx) * c - rx), q = exp2_neg((by[i] - ky) * c - ry);
-                float cv = ((bx[i] - by[i]) - ks) * it - rs;
+                float dx = bx[i] - kx, dy = by[i] - ky; /* exact near each row's top */
+                float p = exp2_neg(dx * c - rx), q = exp2_neg(dy * c - ry);
+                float cv = (dx - dy) * it - rs; /* log(p/q), no rounding of x - y */
                 float gx = live && p > 0.0f ? g * p * (cv - am) : 0.0f;
                 float gy = live ? g * (q - p) : 0.0f;
                 if (mode == MODE_JOINT) {

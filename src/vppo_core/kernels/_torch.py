@@ -88,13 +88,29 @@ def _lse_gap(lse_x: Tensor, lse_y: Tensor) -> Tensor:
     return torch.where(torch.isfinite(lse_x) & torch.isfinite(lse_y), lse_x - lse_y, 0.0)
 
 
+def _split(centre: Tensor, inv_t: float | Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(k, rest)`` with ``centre = k/T + rest``: ``k = centre * T`` rounded to ``dtype`` and the float64
+    remainder (0 where ``centre`` is not finite)."""
+    k = (centre / inv_t).to(dtype)
+    return k, torch.where(torch.isfinite(centre), centre - k.to(centre.dtype) * inv_t, 0.0)
+
+
 def _centred(x: Tensor, centre: Tensor, inv_t: float | Tensor) -> Tensor:
     """``x/T - centre`` of raw values ``x`` in the compute dtype and a float64 ``centre`` in scaled units,
     formed as `_probs` forms its exponent: ``(x - k)/T - (centre - k/T)`` with ``k = centre * T`` in
     ``x``'s dtype, exact where ``x`` is near ``k``."""
-    k = (centre / inv_t).to(x.dtype)
-    rest = torch.where(torch.isfinite(centre), centre - k.to(centre.dtype) * inv_t, 0.0).to(x.dtype)
-    return (x - k) * inv_t - rest
+    k, rest = _split(centre, inv_t, x.dtype)
+    return (x - k) * inv_t - rest.to(x.dtype)
+
+
+def _log_ratio(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float | Tensor) -> Tensor:
+    """``log(p_j/q_j) = (x_j - y_j)/T - (lse_x - lse_y)`` as ``((x_j - k_x) - (y_j - k_y))/T - (r_x - r_y)``
+    with each lse split as `_probs` splits it: ``x_j - k_x`` and ``y_j - k_y`` are exact near each row's
+    top, so neither an offset between the two inputs (``x_j - y_j`` would round to ``eps |x_j - y_j|``)
+    nor a large ``|x|/T`` enters."""
+    k_x, r_x = _split(lse_x, inv_t, x.dtype)
+    k_y, r_y = _split(lse_y, inv_t, y.dtype)
+    return ((x - k_x) - (y - k_y)) * inv_t - (r_x - r_y).to(x.dtype)
 
 
 def _log_ratios(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,9 +169,12 @@ def _chunk_stats(xc: Tensor, yc: Tensor, inv_t: float, divergence: str) -> tuple
     lse_y, q = _softmax64(y, inv_t)
     if divergence == "kl":
         # KL = sum_j p_j (log p_j - log q_j), with log p_j - log q_j = (x_j - y_j)/T - (lse_x - lse_y)
-        # centred in float64 (`_centred`): no cancellation of a_x against lse_x - lse_y
+        # formed as ((x_j - m_x) - (y_j - m_y))/T minus a float64 centre: no cancellation of a_x against
+        # lse_x - lse_y, and no rounding of x_j - y_j proportional to an offset between the inputs
         shift = _lse_gap(lse_x, lse_y)
-        value = _p_weighted(p, _centred(x - y, shift, inv_t)).sum(-1).double()
+        mx, my = _finite_max(x), _finite_max(y)
+        centre = shift - (mx.double() - my.double()) * inv_t
+        value = _p_weighted(p, _centred((x - mx) - (y - my), centre, inv_t)).sum(-1).double()
         a_x = value + shift.squeeze(-1)
         value = value - (lse_x - lse_y - shift).squeeze(-1)  # +-inf or NaN where a normaliser is not finite
         a_y = torch.zeros_like(a_x)
@@ -200,10 +219,10 @@ def chunk_grads(
     live = g != 0
     p, q = _probs(x, lse_x, inv_t), _probs(y, lse_y, inv_t)
     if divergence == "kl":
-        # (x_j - y_j)/T - a_x as log(p_j/q_j) - KL: both centred by lse_x - lse_y (a float64 row
-        # constant), so a large common offset of x and y or a small T does not cancel the digits away
-        shift = _lse_gap(lse_x, lse_y)
-        gx = g * (_p_weighted(p, _centred(x - y, shift, inv_t)) - p * (a_x - shift).to(dtype))
+        # (x_j - y_j)/T - a_x as log(p_j/q_j) - KL (`_log_ratio`, the KL in float64), so neither an offset
+        # of x and y (common or between them) nor a small T cancels the digits away
+        kl = a_x - (lse_x - lse_y)
+        gx = g * (_p_weighted(p, _log_ratio(x, y, lse_x, lse_y, inv_t)) - p * kl.to(dtype))
         gy = g * (q - p)
     elif divergence == "jsd":
         rp, rq = _log_ratios(p, q)

@@ -51,12 +51,28 @@ def _probs(x, y, lse_x, lse_y, inv_t):
 
 @triton.jit
 def _log_ratio(x, y, lse_x, lse_y, inv_t):
-    """``log(p/q) = (x - y)/T - (lse_x - lse_y)`` centred by the float64 row constant (``_torch.chunk_grads``),
-    and that constant (0 where either lse is not finite)."""
-    both = (tl.abs(lse_x) < float("inf")) & (tl.abs(lse_y) < float("inf"))
-    shift = tl.where(both, lse_x - lse_y, 0.0)
-    k, rest = _split(shift, inv_t)
-    return ((x - y) - k) * inv_t - rest, shift
+    """``log(p/q) = (x - y)/T - (lse_x - lse_y)`` as ``((x - k_x) - (y - k_y))/T - (r_x - r_y)``, each lse
+    split as `_probs` splits it (``_torch._log_ratio``): no rounding of ``x - y`` proportional to an offset
+    between the inputs, none proportional to ``|x|/T``."""
+    k_x, r_x = _split(lse_x, inv_t)
+    k_y, r_y = _split(lse_y, inv_t)
+    return ((x - k_x) - (y - k_y)) * inv_t - (r_x - r_y)
+
+
+@triton.jit
+def _finite_or_zero(m):
+    return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
+def _kl_d_step(d, s_x_old, old_x, old_y, use_x, use_y, alpha_x, ex, x, y):
+    """The KL's running ``d = sum e^{(x - use_x)/T} ((x - use_x) - (y - use_y))``, kept centred at the
+    current shifts: ``x - y`` would round to ``eps |x - y|``, a large error where the inputs are offset
+    from each other. Moving the old sum to the new shifts adds the change of ``use_x - use_y`` times
+    the old ``s_x`` (nothing while it is 0); the final ``use_x - use_y`` is added back in float64."""
+    frame = (old_x - use_x) - (old_y - use_y)
+    d = (d + tl.where(s_x_old > 0, frame * s_x_old, 0.0)) * alpha_x
+    return d + tl.sum(tl.where(x > -float("inf"), ex * ((x - use_x) - (y - use_y)), 0.0), 0)
 
 
 @triton.jit
@@ -97,7 +113,9 @@ def _fwd_kernel(
     s_y = zero
     # Maxima of the raw logits; every exponent is shifted before it is scaled, e^{(x - m) / T}, so no
     # rounding proportional to |x| / T enters (as in the other backends).
-    d = zero  # KL/JSD: sum e^{(x - m_x)/T} (x - y); Hellinger: sum sqrt(e^{(x - m_x)/T} e^{(y - m_y)/T})
+    # KL/JSD: d = sum e^{(x - m_x)/T} ((x - m_x) - (y - m_y)) (_kl_d_step);
+    # Hellinger: d = sum sqrt(e^{(x - m_x)/T} e^{(y - m_y)/T})
+    d = zero
     for start in range(0, VOCAB, BLOCK):
         offs = start + cols
         live = offs < VOCAB
@@ -110,19 +128,21 @@ def _fwd_kernel(
         alpha_x = tl.exp((m_x - use_x) * inv_t)
         ex = tl.exp((x - use_x) * inv_t)
         ey = tl.exp((y - use_y) * inv_t)
-        s_x = s_x * alpha_x + tl.sum(ex, 0)
         if DIV == 2:  # the shift of the Bhattacharyya sum is (m_x + m_y) / 2
             # sqrt_rn (IEEE, not the fast approximation): sqrt(e * e) == e, so H^2(p, p) is exactly 0
             d = d * tl.exp(0.5 * ((m_x - use_x) + (m_y - use_y)) * inv_t) + tl.sum(tl.sqrt_rn(ex * ey), 0)
         else:
-            d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
+            d = _kl_d_step(d, s_x, _finite_or_zero(m_x), _finite_or_zero(m_y), use_x, use_y, alpha_x, ex, x, y)
+        s_x = s_x * alpha_x + tl.sum(ex, 0)
         s_y = s_y * tl.exp((m_y - use_y) * inv_t) + tl.sum(ey, 0)
         m_x = new_x
         m_y = new_y
     # Statistics in float64 (see _torch): max / T + log(sum) is added after the cast.
     lse_x = m_x.to(tl.float64) * inv_t + tl.log(s_x).to(tl.float64)
     lse_y = m_y.to(tl.float64) * inv_t + tl.log(s_y).to(tl.float64)
-    a_x = (d / s_x).to(tl.float64) * inv_t
+    # d is centred at the final shifts (_kl_d_step): add them back in float64
+    shift = _finite_or_zero(m_x).to(tl.float64) - _finite_or_zero(m_y).to(tl.float64)
+    a_x = ((d / s_x).to(tl.float64) + shift) * inv_t
     a_y = zero.to(tl.float64)
     if DIV == 2:  # squared Hellinger: a_x holds lse((x + y) / 2); 1 - BC with BC = d / sqrt(s_x s_y)
         a_x = 0.5 * (m_x.to(tl.float64) + m_y.to(tl.float64)) * inv_t + tl.log(d).to(tl.float64)
@@ -198,9 +218,9 @@ def _bwd_kernel(
         gx = 0.5 * g * (tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0) - p * a_x.to(tl.float32))
         gy = 0.5 * g * (tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0) - q * a_y.to(tl.float32))
     else:
-        # (x - y)/T - a_x as log(p/q) - KL, both centred by lse_x - lse_y (see _torch.chunk_grads)
-        log_ratio, shift = _log_ratio(x, y, lse_x, lse_y, inv_t)
-        gx = g * (tl.where(p > 0, p * log_ratio, 0.0) - p * (a_x - shift).to(tl.float32))
+        # (x - y)/T - a_x as log(p/q) - KL, with the KL from float64 (see _torch.chunk_grads)
+        log_ratio = _log_ratio(x, y, lse_x, lse_y, inv_t)
+        gx = g * (tl.where(p > 0, p * log_ratio, 0.0) - p * (a_x - (lse_x - lse_y)).to(tl.float32))
         gy = g * (q - p)
     gx = tl.where(p > 0, gx, 0.0)
     gx = tl.where(g != 0, gx, 0.0)  # masked rows: exactly zero, whatever they hold
@@ -296,7 +316,7 @@ def _joint_fwd_kernel(
     m_y = zero - float("inf")
     s_x = zero
     s_y = zero
-    d = zero  # sum e^{(x - m_x)/T} (x - y)
+    d = zero  # sum e^{(x - m_x)/T} ((x - m_x) - (y - m_y)) (_kl_d_step)
     h_x = zero  # sum e^{(x - m_x)/T} (x - m_x)/T
     h_y = zero  # sum e^{(y - m_y)/T} (y - m_y)/T
     for start in range(0, VOCAB, BLOCK):
@@ -304,14 +324,16 @@ def _joint_fwd_kernel(
         live = offs < VOCAB
         x = tl.load(x_row + offs, mask=live, other=-float("inf")).to(tl.float32)
         y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32)
+        old_x, old_y, s_x_old = _finite_or_zero(m_x), _finite_or_zero(m_y), s_x
         m_x, s_x, h_x, ex, alpha_x = _entropy_step(m_x, s_x, h_x, x, inv_t)
         m_y, s_y, h_y, _, _ = _entropy_step(m_y, s_y, h_y, y, inv_t)
-        d = d * alpha_x + tl.sum(tl.where(x > -float("inf"), ex * (x - y), 0.0), 0)
+        d = _kl_d_step(d, s_x_old, old_x, old_y, _finite_or_zero(m_x), _finite_or_zero(m_y), alpha_x, ex, x, y)
     log_sx = tl.log(s_x).to(tl.float64)
     log_sy = tl.log(s_y).to(tl.float64)
     lse_x = m_x.to(tl.float64) * inv_t + log_sx
     lse_y = m_y.to(tl.float64) * inv_t + log_sy
-    a_x = _kl_sum((d / s_x).to(tl.float64) * inv_t, lse_x, lse_y)
+    shift = _finite_or_zero(m_x).to(tl.float64) - _finite_or_zero(m_y).to(tl.float64)
+    a_x = _kl_sum(((d / s_x).to(tl.float64) + shift) * inv_t, lse_x, lse_y)
     mean_x = (h_x / s_x).to(tl.float64)
     mean_y = (h_y / s_y).to(tl.float64)
     kl = (a_x - (lse_x - lse_y)).to(tl.float32)
@@ -361,8 +383,9 @@ def _joint_bwd_kernel(
     x = tl.load(X + b * stride_xb + s * stride_xs + offs, mask=live, other=0.0).to(tl.float32)
     y = tl.load(Y + b * stride_yb + s * stride_ys + offs, mask=live, other=0.0).to(tl.float32)
     p, q = _probs(x, y, lse_x, lse_y, inv_t)
-    log_ratio, shift = _log_ratio(x, y, lse_x, lse_y, inv_t)
-    kl_x = tl.where(g_kl != 0, g_kl * (tl.where(p > 0, p * log_ratio, 0.0) - p * (a_x - shift).to(tl.float32)), 0.0)
+    kl = (a_x - (lse_x - lse_y)).to(tl.float32)  # log(p/q) - KL: both O(1), the KL from float64
+    log_ratio = _log_ratio(x, y, lse_x, lse_y, inv_t)
+    kl_x = tl.where(g_kl != 0, g_kl * (tl.where(p > 0, p * log_ratio, 0.0) - p * kl), 0.0)
     kl_y = tl.where(g_kl != 0, g_kl * (q - p), 0.0)
     h_x = tl.where(g_p != 0, tl.where(p > 0, -g_p * p * ((x - k_bx) * inv_t - r_bx), 0.0), 0.0)
     h_y = tl.where(g_q != 0, tl.where(q > 0, -g_q * q * ((y - k_by) * inv_t - r_by), 0.0), 0.0)
