@@ -273,6 +273,30 @@ def test_backward_strided_rows_and_threads(build):
         assert torch.equal(a, b)
 
 
+def test_differentiating_one_input_computes_one_gradient(build):
+    """The C backward computes (and allocates) only the gradients autograd asks for, with the same bits."""
+    x, y = T.logits((2, 3, 3001), torch.bfloat16)
+    ops = {
+        "kl": lambda u, v: visual_dependency(u, v, temperature=0.9, backend="cpu"),
+        "hellinger": lambda u, v: visual_dependency(u, v, divergence="hellinger", backend="cpu"),
+        "joint": lambda u, v: J.stacked(visual_dependency_and_entropies(u, v, backend="cpu")),
+    }
+    for name, fn in ops.items():
+        upstream = torch.randn(2, 3, 3) if name == "joint" else torch.randn(2, 3)
+        both = _grads(fn, x, y, upstream)
+        a = x.clone().requires_grad_()
+        (fn(a, y) * upstream).sum().backward()
+        assert torch.equal(a.grad, both[0]), name
+        b = y.clone().requires_grad_()
+        (fn(x, b) * upstream).sum().backward()
+        assert torch.equal(b.grad, both[1]), name
+    _, stats = _cpu.forward(x, y, 0.9, "kl")
+    gx, gy = _cpu.backward(torch.ones(2, 3), x, y, stats, 0.9, "kl", needs=(True, False))
+    assert gx.shape == x.shape and gy.numel() == 0
+    gx, gy = _cpu.backward(torch.ones(2, 3), x, y, stats, 0.9, "kl", needs=(False, True))
+    assert gx.numel() == 0 and gy.shape == y.shape
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementation and AOT dispatch of both C ops agree with the real ones."""
     x, y = T.logits((2, 3, 300), torch.bfloat16)
@@ -282,7 +306,8 @@ def test_custom_ops_pass_opcheck():
     cols = _cpu._kl_columns(*stats.unbind(-1)[:3], torch.randn(2, 3), 1.0 / 0.8)
     consts = _cpu._constants(cols, stats[..., 0]).contiguous()
     for mode in ("kl", "hellinger", "entropy", "joint"):
-        torch.library.opcheck(_cpu.row_grads, (x, y, consts, _cpu.MODES[mode], inv_t))
+        for need in (1, 2, 3):
+            torch.library.opcheck(_cpu.row_grads, (x, y, consts, _cpu.MODES[mode], inv_t, need))
 
 
 @pytest.mark.slow

@@ -121,7 +121,8 @@ class FusedDivergence(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
         x, y, stats = ctx.saved_tensors
         run = _backward_fn(ctx.impl, ctx.fallback, "backward")
-        gx, gy = run(grad, x, y, stats, ctx.temperature, ctx.divergence)
+        needs = {"needs": tuple(ctx.needs_input_grad[:2])} if ctx.impl == "cpu" else {}  # C: only those
+        gx, gy = run(grad, x, y, stats, ctx.temperature, ctx.divergence, **needs)
         return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, *[None] * 4)
 
 
@@ -192,7 +193,8 @@ class FusedJoint(torch.autograd.Function):
     @first_order
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x, y, stats = ctx.saved_tensors
-        gx, gy = _backward_fn(ctx.impl, ctx.fallback, "joint_backward")(grad, x, y, stats, ctx.temperature)
+        needs = {"needs": tuple(ctx.needs_input_grad[:2])} if ctx.impl == "cpu" else {}  # C: only those
+        gx, gy = _backward_fn(ctx.impl, ctx.fallback, "joint_backward")(grad, x, y, stats, ctx.temperature, **needs)
         return (gx if ctx.needs_input_grad[0] else None, gy if ctx.needs_input_grad[1] else None, None, None, None)
 
 

@@ -235,20 +235,27 @@ G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GH
 G_BC = G_AM
 
 
+def _grad_shapes(x: Tensor, y: Tensor, mode: int, need: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the op's two outputs: the input's, or ``(0,)`` where that gradient is not computed."""
+    need_y = need & 2 and mode != MODES["entropy"]
+    return (tuple(x.shape) if need & 1 else (0,)), (tuple(y.shape) if need_y else (0,))
+
+
 @torch.library.custom_op("vppo_core::cpu_row_grads", mutates_args=())
-def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, need: int = 3) -> tuple[Tensor, Tensor]:
     """Gradients (contiguous, in the inputs' dtype) of ``[batch, seq, vocab]`` CPU logits with unit stride
-    along the vocabulary, from float32 row constants ``[batch * seq, 16]`` (see `_constants`); for the
-    entropy (mode 2) ``y`` is ignored and the second gradient is empty."""
-    gx = torch.empty(x.shape, dtype=x.dtype)
-    gy = torch.empty(y.shape if mode != MODES["entropy"] else (0,), dtype=y.dtype)
-    if gx.numel() == 0:
+    along the vocabulary, from float32 row constants ``[batch * seq, 16]`` (see `_constants`). ``need``:
+    bit 0 for ``x``'s gradient, bit 1 for ``y``'s; a gradient not needed (and ``y``'s for the entropy,
+    mode 2, where ``y`` is ignored) is an empty tensor, neither computed nor allocated."""
+    shape_x, shape_y = _grad_shapes(x, y, mode, need)
+    gx, gy = torch.empty(shape_x, dtype=x.dtype), torch.empty(shape_y, dtype=y.dtype)
+    if gx.numel() == 0 and gy.numel() == 0:
         return gx, gy
     library(_state["portable"]).vppo_cpu_row_grads(
         x.data_ptr(),
         y.data_ptr(),
-        gx.data_ptr(),
-        gy.data_ptr(),
+        gx.data_ptr() if gx.numel() else None,
+        gy.data_ptr() if gy.numel() else None,
         x.shape[0],
         x.shape[1],
         x.shape[2],
@@ -267,8 +274,9 @@ def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor) ->
 
 
 @row_grads.register_fake
-def _(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), y.new_empty(y.shape if mode != MODES["entropy"] else (0,))
+def _(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, need: int = 3) -> tuple[Tensor, Tensor]:
+    shape_x, shape_y = _grad_shapes(x, y, mode, need)
+    return x.new_empty(shape_x), y.new_empty(shape_y)
 
 
 def _split(centre: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
@@ -307,17 +315,27 @@ def _scaled(grad: Tensor, inv_t: float) -> Tensor:
     return grad.float() * inv_t
 
 
-def _run(x: Tensor, y: Tensor, consts: Tensor, mode: int, temperature: float) -> tuple[Tensor, Tensor]:
+def _run(
+    x: Tensor, y: Tensor, consts: Tensor, mode: int, temperature: float, needs: tuple[bool, bool] = (True, True)
+) -> tuple[Tensor, Tensor]:
     x, y = _rows.unit_vocab_stride(x), _rows.unit_vocab_stride(y)
-    return row_grads(x, y, consts.contiguous(), mode, _inv_t(temperature))
+    return row_grads(x, y, consts.contiguous(), mode, _inv_t(temperature), int(needs[0]) | int(needs[1]) << 1)
 
 
 def backward(
-    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, divergence: str = "kl"
+    grad: Tensor,
+    x: Tensor,
+    y: Tensor,
+    stats: Tensor,
+    temperature: float,
+    divergence: str = "kl",
+    needs: tuple[bool, bool] = (True, True),
 ) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. ``[batch, seq, vocab]`` ``x`` and ``y``: the C kernel for the KL and Hellinger;
     the JSD's (which needs two logarithms per entry) is `._compile.backward`, or `._torch.backward` where
-    ``torch.compile`` is unusable or fails (`._compile.or_eager`: one warning, then eager)."""
+    ``torch.compile`` is unusable or fails (`._compile.or_eager`: one warning, then eager). ``needs``
+    (the autograd Function's ``needs_input_grad``): a gradient not needed is an empty tensor (C kernel
+    only), so differentiating one input writes, and maps, one gradient."""
     if divergence == "jsd":
         return _compile.or_eager(_compile.backward, _torch.backward, grad, x, y, stats, temperature, divergence)
     inv_t = 1.0 / temperature
@@ -330,7 +348,7 @@ def backward(
         columns = {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_BC: bc}
     else:
         columns = _kl_columns(lse_x, lse_y, a_x, g, inv_t)
-    return _run(x, y, _constants(columns, grad), MODES[divergence], temperature)
+    return _run(x, y, _constants(columns, grad), MODES[divergence], temperature, needs)
 
 
 def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
@@ -343,8 +361,11 @@ def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float)
     return _run(x, x, _constants(columns, grad), MODES["entropy"], temperature)[0]
 
 
-def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * (KL, H(p), H(q)))``: the KL's and both entropies' in one pass."""
+def joint_backward(
+    grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperature: float, needs: tuple[bool, bool] = (True, True)
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * (KL, H(p), H(q)))``: the KL's and both entropies' in one pass (``needs``:
+    as in `backward`)."""
     inv_t = 1.0 / temperature
     lse_x, lse_y, a_x, b_x, b_y = stats.unbind(-1)
     columns = _kl_columns(lse_x, lse_y, a_x, _scaled(grad[..., 0], inv_t), inv_t)
@@ -352,4 +373,4 @@ def joint_backward(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, temperatur
     kay, ray = _split(b_y, inv_t)
     columns |= {G_KAX: kax, G_RAX: rax, G_GHX: _scaled(grad[..., 1], inv_t)}
     columns |= {G_KAY: kay, G_RAY: ray, G_GHY: _scaled(grad[..., 2], inv_t)}
-    return _run(x, y, _constants(columns, lse_x), MODES["joint"], temperature)
+    return _run(x, y, _constants(columns, lse_x), MODES["joint"], temperature, needs)

@@ -432,7 +432,7 @@ enum { G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RA
 
 typedef struct {
     const char *x, *y;
-    char *gx, *gy;
+    char *gx, *gy; /* NULL where that gradient is not needed */
     int64_t row0, row1, seq, vocab, sxb, sxs, syb, sys;
     int dtype, mode;
     float c, inv_t;
@@ -481,14 +481,15 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
         __m512 xv = load16(xr, dt, i, m), dx = _mm512_sub_ps(xv, kx); /* exact near the row's top */
         __m512 p = exp2_v(_mm512_fmsub_ps(dx, c, rx), table, &lv);
         __mmask16 px = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ); /* p > 0 (false for NaN) */
-        if (mode == MODE_ENTROPY) {
+        if (mode == MODE_ENTROPY) { /* (gxr is never NULL here) */
             /* -g p ((x - KA)/T - RA) */
             __m512 cx = _mm512_fmsub_ps(_mm512_sub_ps(xv, kax), it, rax);
             store16(gxr, dt, i, m, _mm512_maskz_mul_ps(live & px, _mm512_mul_ps(g, p), _mm512_sub_ps(zero, cx)));
             continue;
         }
         __m512 yv = load16(yr, dt, i, m), dy = _mm512_sub_ps(yv, ky);
-        __m512 q = exp2_v(_mm512_fmsub_ps(dy, c, ry), table, &lv);
+        /* q: for gy, and for Hellinger's gx (the KL's gx needs only log q, from dy) */
+        __m512 q = gyr || mode == MODE_HELLINGER ? exp2_v(_mm512_fmsub_ps(dy, c, ry), table, &lv) : zero;
         __m512 gxv, gyv;
         if (mode == MODE_HELLINGER) {
             __m512 root = _mm512_sqrt_ps(_mm512_mul_ps(p, q)), hg = _mm512_mul_ps(_mm512_set1_ps(0.5f), g);
@@ -506,8 +507,8 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
                 gyv = _mm512_add_ps(gyv, _mm512_maskz_mul_ps(live_hy & qy, _mm512_mul_ps(ghy, q), _mm512_sub_ps(zero, cy)));
             }
         }
-        store16(gxr, dt, i, m, gxv);
-        store16(gyr, dt, i, m, gyv);
+        if (gxr) store16(gxr, dt, i, m, gxv);
+        if (gyr) store16(gyr, dt, i, m, gyv);
     }
 }
 #define grad_row grad_row_avx512
@@ -591,8 +592,8 @@ static void grad_row_portable(const gjob_t *j, const char *xr, const char *yr, c
                 ox[i] = gx, oy[i] = gy;
             }
         }
-        narrow(ox, j->dtype, n, gxr + b0 * es);
-        if (mode != MODE_ENTROPY) narrow(oy, j->dtype, n, gyr + b0 * es);
+        if (gxr) narrow(ox, j->dtype, n, gxr + b0 * es);
+        if (gyr) narrow(oy, j->dtype, n, gyr + b0 * es);
     }
 }
 #define grad_row grad_row_portable
@@ -604,10 +605,10 @@ static void *run_grad_rows(void *arg) {
     for (int64_t row = j->row0; row < j->row1; row++) {
         const float *k = j->k + row * GCOL;
         int64_t b = row / j->seq, s = row % j->seq;
-        char *gxr = j->gx + row * j->vocab * es, *gyr = j->mode == MODE_ENTROPY ? NULL : j->gy + row * j->vocab * es;
+        char *gxr = j->gx ? j->gx + row * j->vocab * es : NULL, *gyr = j->gy && j->mode != MODE_ENTROPY ? j->gy + row * j->vocab * es : NULL;
         int zero = k[G_G] == 0.0f && (j->mode != MODE_JOINT || (k[G_GHX] == 0.0f && k[G_GHY] == 0.0f));
         if (zero) { /* a masked row: exactly 0, whatever it holds */
-            memset(gxr, 0, (size_t)(j->vocab * es));
+            if (gxr) memset(gxr, 0, (size_t)(j->vocab * es));
             if (gyr) memset(gyr, 0, (size_t)(j->vocab * es));
             continue;
         }
@@ -616,8 +617,9 @@ static void *run_grad_rows(void *arg) {
     return NULL;
 }
 
-/* Fill gx (and gy unless mode 2), contiguous [batch * seq, vocab] in the inputs' dtype, for inputs
- * [batch, seq, vocab] with unit vocabulary stride and element strides (sxb, sxs), (syb, sys). */
+/* Fill gx and gy, contiguous [batch * seq, vocab] in the inputs' dtype, for inputs [batch, seq, vocab]
+ * with unit vocabulary stride and element strides (sxb, sxs), (syb, sys). A NULL gx or gy (gy always in
+ * mode 2) is not computed: a caller that differentiates one input only writes (and maps) one gradient. */
 int vppo_cpu_row_grads(const void *x, const void *y, void *gx, void *gy, int64_t batch, int64_t seq, int64_t vocab,
                        int64_t sxb, int64_t sxs, int64_t syb, int64_t sys, int dtype, int mode, double c, double inv_t,
                        const float *k, int threads) {
