@@ -3,8 +3,8 @@
 Same criterion as ``test_kernels.py``: ``err(cpu) <= err(naive in the same dtype) + TOL``. Every
 forward test runs twice: the AVX-512 build (on a machine that has it; the portable loops elsewhere)
 and the portable build (``-DVPPO_PORTABLE``), so both implementations of the block pass are checked
-on any machine. The backward of the KL, Hellinger, entropy and joint kernels is the C kernel's own
-(both builds again); the JSD's is `._compile`'s (or `._torch`'s), tested here through the op.
+on any machine. The backward (and the JSD's second sweep) is the C kernel's own too, checked on both
+builds again; nothing of this backend needs ``torch.compile``.
 """
 
 import math
@@ -135,9 +135,20 @@ def test_threads_do_not_change_the_result():
         assert torch.equal(a, b)
 
 
-def test_backward_without_torch_compile_matches_oracle(monkeypatch):
-    """With torch.compile unusable the backward is the torch backend's: gradients within naive's error."""
+def test_nothing_needs_torch_compile(monkeypatch):
+    """Every quantity, forward and backward, logit-free JSD included, runs with ``torch.compile`` unusable
+    and every compiled function broken: gradients within naive's error."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cpu backend called a compiled function")
+
     monkeypatch.setattr(_compile, "usable", lambda: False)
+    for name in ("forward", "backward", "entropy_backward", "joint_backward", "jsd_partial", "jsd_partial_or_eager"):
+        monkeypatch.setattr(_compile, name, broken)
+    hx, hy, w = torch.randn(7, 16), torch.randn(7, 16), torch.randn(301, 16) * 0.5
+    hx.requires_grad_()
+    visual_dependency_from_hidden(hx, hy, w, divergence="jsd", backend="cpu", vocab_chunk_size=64).sum().backward()
+    J.check("cpu", J.logits((2, 3, 300), torch.float32), J.logits((2, 3, 300), torch.float32))
     for dtype in (torch.float32, torch.bfloat16):
         x, y = T.logits((3, 4, 3001), dtype, scale=2.0)
         for divergence in ("kl", "jsd", "hellinger"):
@@ -155,8 +166,8 @@ def test_backward_without_torch_compile_matches_oracle(monkeypatch):
 @pytest.mark.parametrize(
     ("dtype", "divergence"),
     [
-        *((d, div) for d in (torch.float32, torch.bfloat16) for div in ("kl", "reverse_kl", "hellinger")),
-        *((torch.float16, div) for div in ("kl", "reverse_kl")),  # float16 Hellinger: naive's gradient is NaN
+        *((d, div) for d in (torch.float32, torch.bfloat16) for div in ("kl", "reverse_kl", "jsd", "hellinger")),
+        *((torch.float16, div) for div in ("kl", "reverse_kl", "jsd")),  # float16 Hellinger: naive's gradient is NaN
     ],
 )
 def test_backward_matches_oracle(build, dtype, divergence):
@@ -182,7 +193,7 @@ def _grads(fn, x, y, upstream):
     return a.grad, b.grad
 
 
-@pytest.mark.parametrize("divergence", ["kl", "hellinger", "entropy", "joint"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "hellinger", "entropy", "joint"])
 def test_backward_special_values_as_the_torch_backend(build, divergence):
     """-inf entries (p = 0: exactly 0), a masked row of NaN (exactly 0), a live NaN (NaN where the torch
     backend has NaN), q = 0 under a finite p (KL +inf): the same pattern and values as ``"torch"``."""
@@ -197,6 +208,7 @@ def test_backward_special_values_as_the_torch_backend(build, divergence):
     y[1, 0] = math.inf
     ops = {
         "kl": lambda b: lambda u, v: visual_dependency(u, v, mask, divergence="kl", backend=b),
+        "jsd": lambda b: lambda u, v: visual_dependency(u, v, mask, divergence="jsd", backend=b),
         "hellinger": lambda b: lambda u, v: visual_dependency(u, v, mask, divergence="hellinger", backend=b),
         "entropy": lambda b: lambda u, v: token_entropy(u, mask, backend=b) + token_entropy(v, mask, backend=b),
         "joint": lambda b: lambda u, v: J.stacked(visual_dependency_and_entropies(u, v, mask, backend=b)),
@@ -213,7 +225,7 @@ def test_backward_special_values_as_the_torch_backend(build, divergence):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["kl", "hellinger", "entropy", "joint"])
+@pytest.mark.parametrize("mode", ["kl", "jsd", "hellinger", "entropy", "joint"])
 def test_backward_rounds_to_the_dtype_as_torch_does(build, dtype, mode):
     """A 16-bit gradient is the float32 one of the same values rounded to nearest even, bit for bit:
     subnormal and overflowing float16 values included (large logits make tiny p; a large upstream
@@ -279,6 +291,7 @@ def test_differentiating_one_input_computes_one_gradient(build):
     ops = {
         "kl": lambda u, v: visual_dependency(u, v, temperature=0.9, backend="cpu"),
         "hellinger": lambda u, v: visual_dependency(u, v, divergence="hellinger", backend="cpu"),
+        "jsd": lambda u, v: visual_dependency(u, v, divergence="jsd", backend="cpu"),
         "joint": lambda u, v: J.stacked(visual_dependency_and_entropies(u, v, backend="cpu")),
     }
     for name, fn in ops.items():
@@ -305,16 +318,10 @@ def test_custom_ops_pass_opcheck():
     _, stats = _cpu.forward(x, y, 0.8, "kl")
     cols = _cpu._kl_columns(*stats.unbind(-1)[:3], torch.randn(2, 3), 1.0 / 0.8)
     consts = _cpu._constants(cols, stats[..., 0]).contiguous()
-    for mode in ("kl", "hellinger", "entropy", "joint"):
+    for mode in ("kl", "hellinger", "entropy", "joint", "jsd"):
         for need in (1, 2, 3):
-            torch.library.opcheck(_cpu.row_grads, (x, y, consts, _cpu.MODES[mode], inv_t, need))
-
-
-@pytest.mark.slow
-def test_backward_with_the_compiled_pass():
-    x, y = T.logits((3, 4, 9001), torch.float32, scale=2.0)
-    err, err_naive = T.grad_errors("cpu", x, y, random_mask(3, 4), torch.randn(3, 4))
-    assert err <= err_naive + T.GRAD_TOL[torch.float32], (err, err_naive)
+            torch.library.opcheck(_cpu.row_grads, (x, y, consts, _cpu.GRAD_MODES[mode], inv_t, need))
+    torch.library.opcheck(_cpu.jsd_sums, (x, y, consts, inv_t))
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ Backend choice (``backend="auto"``):
   for oracles and gradcheck; for small inputs a compile costs seconds and saves microseconds);
 - otherwise, on the CPU, ``"cpu"`` when its C kernel builds here (a C compiler is found), then
   ``"compile"`` when ``torch.compile`` works here, else ``"torch"``. If compiling fails at run time,
-  in the forward or the backward, the process warns once and uses ``"torch"`` from then on (so does
-  the JSD backward of ``"cpu"``, which is ``"compile"``'s).
+  in the forward or the backward, the process warns once and uses ``"torch"`` from then on
+  (``"cpu"`` compiles nothing: its forward and backward are C kernels).
 
 Every backward gives first derivatives only: differentiating a gradient taken with
 ``create_graph=True`` raises (`._autograd.first_order`).
@@ -139,7 +139,7 @@ def _dispatch(
     if name == "triton":
         return triton_fn()
     if name == "cpu":
-        return fused_fn("cpu", False)  # its JSD backward falls back on its own (`_cpu.backward`)
+        return fused_fn("cpu", False)  # C forward and backward: nothing to fall back from
     if name == "compile":
         if backend != "auto" or torch.compiler.is_compiling():
             return fused_fn("compile", False)
@@ -217,7 +217,7 @@ def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.
             _compile.jsd_partial_or_eager(),
         )
     if name == "cpu":
-        return _cpu.forward, _cpu.backward, _compile.jsd_partial_or_eager()
+        return _cpu.forward, _cpu.backward, _cpu.jsd_partial
     return _torch.forward, _torch.backward, _torch.jsd_partial_chunked
 
 

@@ -4,7 +4,7 @@ Each Function saves its inputs (references, not copies) and the backend's float6
 (``[batch, seq, 4]`` for a divergence, ``[batch, seq, 2]`` for the entropy), so the backward reads every
 input element once and recomputes no reduction.
 The ``Fused*`` Functions serve the ``"compile"`` and ``"cpu"`` backends (``impl`` names the module:
-`._compile` or `._cpu`, which share the JSD's backward). The Triton backend is a
+`._compile` or `._cpu`). The Triton backend is a
 ``torch.library.custom_op`` (opaque to ``torch.compile``); its autograd formula is registered here
 with ``torch.library.register_autograd``, the same save-and-delegate shape.
 
@@ -80,7 +80,7 @@ def _backward_fn(impl: str, fallback: bool, name: str) -> Callable[..., Any]:
     """The function ``name`` (``"backward"``, ...) of the ``impl`` backend; with ``fallback`` (``"compile"``
     chosen by ``backend="auto"``) one that runs `._torch`'s instead once compiling fails, as the forward
     does (`._compile.or_eager`: one warning, then eager for the rest of the process). ``"cpu"``'s
-    JSD backward always falls back (`._cpu.backward`)."""
+    backward is its C kernel."""
     if fallback and impl == "compile":
         return functools.partial(_compile.or_eager, getattr(_compile, name), getattr(_torch, name))
     return getattr(FUSED[impl], name)

@@ -19,11 +19,12 @@ instructions. The build is about a second; later processes load the cached libra
 Layers. The forward kernel is the custom op ``vppo_core::cpu_row_stats`` (opaque to a caller's
 ``torch.compile``); the float64 finalisation is `._rows`'s (``finish_*``, shared with `._compile`),
 so both backends turn the same sums into values and saved statistics. The backward of the KL,
-Hellinger, entropy and joint quantities is the custom op ``vppo_core::cpu_row_grads``: one read of
-each input, one write of each gradient, from float32 row constants formed here in torch exactly as
-`._torch`'s backward forms its own (`_constants`), so the two differ only in the exponential and
-the order of a few float32 operations. The JSD's backward is `._compile`'s pointwise pass
-(`._torch`'s where ``torch.compile`` is unusable or fails at run time).
+Hellinger, JSD, entropy and joint quantities is the custom op ``vppo_core::cpu_row_grads``: one read
+of each input, one write of each gradient, from float32 row constants formed here in torch exactly as
+`._torch`'s backward forms its own (`_constants`), so the two differ only in the exponential (and the
+JSD's logarithm) and the order of a few float32 operations. The JSD's second forward sweep (its sums
+once the lse's are known) is the custom op ``vppo_core::cpu_jsd_sums``, so no quantity of this backend
+needs ``torch.compile``.
 """
 
 import ctypes
@@ -39,11 +40,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import _compile, _rows, _torch
+from . import _rows, _torch
 
 LOG2E = 1.4426950408889634
 NCOL = 7  # columns of the kernel's per-row output
-MODES = {"kl": 0, "jsd": 0, "hellinger": 1, "entropy": 2, "joint": 3}
+MODES = {"kl": 0, "jsd": 0, "hellinger": 1, "entropy": 2, "joint": 3}  # the forward's row statistics
+GRAD_MODES = {"kl": 0, "hellinger": 1, "entropy": 2, "joint": 3, "jsd": 4, "jsd_sums": 5}  # the backward's
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 _FLAGS = ["-O3", "-std=c11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]
@@ -126,9 +128,10 @@ def library(portable: bool = False) -> ctypes.CDLL:
     fn.argtypes = [pointer, pointer, i64, i64, i64, i64, i32, i32, ctypes.c_double, pointer, i32]
     grads = lib.vppo_cpu_row_grads
     grads.restype = ctypes.c_int
-    # x, y, gx, gy, batch, seq, vocab, x strides (batch, seq), y strides, dtype, mode, c, 1/T, consts, threads
+    # x, y, gx, gy, batch, seq, vocab, x strides (batch, seq), y strides, dtype, mode, c, 1/T, consts, sums,
+    # threads
     f64 = ctypes.c_double
-    grads.argtypes = [pointer] * 4 + [i64] * 7 + [i32, i32, f64, f64, pointer, i32]
+    grads.argtypes = [pointer] * 4 + [i64] * 7 + [i32, i32, f64, f64, pointer, pointer, i32]
     lib.vppo_cpu_simd_width.restype = ctypes.c_int
     return lib
 
@@ -208,10 +211,8 @@ def forward(x: Tensor, y: Tensor, temperature: float, divergence: str = "kl") ->
     lse_x, lse_y, a_x = _rows.finish_lse(*s[:5], inv_t)
     if divergence == "kl":
         return _rows.finish_divergence(divergence, (lse_x, lse_y, a_x), torch.float32)
-    v = x.shape[-1]
-    partial = _compile.jsd_partial_or_eager()
-    a_x, a_y = partial(x.reshape(-1, v), y.reshape(-1, v), lse_x.reshape(-1), lse_y.reshape(-1), 1.0 / temperature)
-    return _rows.finish_jsd(lse_x, lse_y, a_x.view(lse_x.shape), a_y.view(lse_x.shape), torch.float32)
+    sums = _jsd_sums(x, y, lse_x, lse_y, temperature)
+    return _rows.finish_jsd(lse_x, lse_y, sums[..., 0], sums[..., 1], torch.float32)
 
 
 def entropy_forward(x: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -231,13 +232,13 @@ def joint_forward(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Ten
 # ----------------------------------------------------------------------------- the backward op
 
 GCOL = 16  # columns of the kernel's per-row constants (see ``_cpu_kernel.c``)
-G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY = range(13)
+G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY, G_AY = range(14)
 G_BC = G_AM
 
 
 def _grad_shapes(x: Tensor, y: Tensor, mode: int, need: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of the op's two outputs: the input's, or ``(0,)`` where that gradient is not computed."""
-    need_y = need & 2 and mode != MODES["entropy"]
+    need_y = need & 2 and mode != GRAD_MODES["entropy"]
     return (tuple(x.shape) if need & 1 else (0,)), (tuple(y.shape) if need_y else (0,))
 
 
@@ -268,6 +269,7 @@ def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, ne
         LOG2E * float(inv_t),
         float(inv_t),
         consts.data_ptr(),
+        None,
         torch.get_num_threads(),
     )
     return gx, gy
@@ -277,6 +279,42 @@ def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, ne
 def _(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, need: int = 3) -> tuple[Tensor, Tensor]:
     shape_x, shape_y = _grad_shapes(x, y, mode, need)
     return x.new_empty(shape_x), y.new_empty(shape_y)
+
+
+@torch.library.custom_op("vppo_core::cpu_jsd_sums", mutates_args=())
+def jsd_sums(x: Tensor, y: Tensor, consts: Tensor, inv_t: Tensor) -> Tensor:
+    """The JSD's second sweep: float64 ``[batch * seq, 2]`` = ``(sum_j p_j log(p_j/m_j), sum_j q_j log(q_j/m_j))``
+    of ``[batch, seq, vocab]`` CPU logits (unit vocabulary stride), ``p`` and ``q`` from the row constants
+    (`_probability_constants` of the full-row lse's in columns ``G_KX``..``G_RY``)."""
+    out = torch.empty((x.shape[0] * x.shape[1], 2), dtype=torch.float64)
+    if out.numel() == 0 or x.shape[2] == 0:
+        return out.zero_()
+    library(_state["portable"]).vppo_cpu_row_grads(
+        x.data_ptr(),
+        y.data_ptr(),
+        None,
+        None,
+        x.shape[0],
+        x.shape[1],
+        x.shape[2],
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        DTYPES[x.dtype],
+        GRAD_MODES["jsd_sums"],
+        LOG2E * float(inv_t),
+        float(inv_t),
+        consts.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+@jsd_sums.register_fake
+def _(x: Tensor, y: Tensor, consts: Tensor, inv_t: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0] * x.shape[1], 2), dtype=torch.float64)
 
 
 def _split(centre: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
@@ -310,6 +348,27 @@ def _kl_columns(lse_x: Tensor, lse_y: Tensor, a_x: Tensor, g: Tensor, inv_t: flo
     return {G_KX: kx, G_RX: rx2, G_KY: ky, G_RY: ry2, G_G: g, G_RS: rest, G_AM: kl}
 
 
+def _pq_columns(lse_x: Tensor, lse_y: Tensor, inv_t: float) -> dict[int, Tensor]:
+    """The constants of ``p`` and ``q`` (`_probability_constants`)."""
+    kx, rx = _probability_constants(lse_x, inv_t)
+    ky, ry = _probability_constants(lse_y, inv_t)
+    return {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry}
+
+
+def _jsd_sums(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, temperature: float) -> Tensor:
+    """float64 ``[batch, seq, 2]``: the JSD's ``(a_x, a_y)`` of ``[batch, seq, vocab]`` logits (`jsd_sums`)."""
+    consts = _constants(_pq_columns(lse_x, lse_y, 1.0 / temperature), lse_x).contiguous()
+    x, y = _rows.unit_vocab_stride(x), _rows.unit_vocab_stride(y)
+    return jsd_sums(x, y, consts, _inv_t(temperature)).view(*lse_x.shape, 2)
+
+
+def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+    """`._torch.jsd_partial` with the C kernel: the JSD's sums over ``[rows, vocab]`` logits (a vocabulary
+    slice, for the logit-free path) given the full rows' lse's, float64."""
+    sums = _jsd_sums(x.unsqueeze(0), y.unsqueeze(0), lse_x.unsqueeze(0), lse_y.unsqueeze(0), 1.0 / inv_t)[0]
+    return sums[:, 0], sums[:, 1]
+
+
 def _scaled(grad: Tensor, inv_t: float) -> Tensor:
     """The upstream gradient over ``T`` in float32, as the other backends form it."""
     return grad.float() * inv_t
@@ -331,24 +390,22 @@ def backward(
     divergence: str = "kl",
     needs: tuple[bool, bool] = (True, True),
 ) -> tuple[Tensor, Tensor]:
-    """Gradients w.r.t. ``[batch, seq, vocab]`` ``x`` and ``y``: the C kernel for the KL and Hellinger;
-    the JSD's (which needs two logarithms per entry) is `._compile.backward`, or `._torch.backward` where
-    ``torch.compile`` is unusable or fails (`._compile.or_eager`: one warning, then eager). ``needs``
-    (the autograd Function's ``needs_input_grad``): a gradient not needed is an empty tensor (C kernel
-    only), so differentiating one input writes, and maps, one gradient."""
-    if divergence == "jsd":
-        return _compile.or_eager(_compile.backward, _torch.backward, grad, x, y, stats, temperature, divergence)
+    """Gradients w.r.t. ``[batch, seq, vocab]`` ``x`` and ``y`` (KL, JSD or Hellinger). ``needs`` (the
+    autograd Function's ``needs_input_grad``): a gradient not needed is an empty tensor, so
+    differentiating one input writes, and maps, one gradient."""
     inv_t = 1.0 / temperature
-    lse_x, lse_y, a_x, _ = stats.unbind(-1)
+    lse_x, lse_y, a_x, a_y = stats.unbind(-1)
     g = _scaled(grad, inv_t)
-    if divergence == "hellinger":
+    if divergence == "jsd":
+        columns = {**_pq_columns(lse_x, lse_y, inv_t), G_G: g, G_AM: a_x, G_AY: a_y}
+    elif divergence == "hellinger":
         kx, rx = _probability_constants(lse_x, inv_t)
         ky, ry = _probability_constants(lse_y, inv_t)
         bc = torch.exp(a_x - 0.5 * (lse_x + lse_y))  # a_x holds lse((x + y)/2)
         columns = {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_BC: bc}
     else:
         columns = _kl_columns(lse_x, lse_y, a_x, g, inv_t)
-    return _run(x, y, _constants(columns, grad), MODES[divergence], temperature, needs)
+    return _run(x, y, _constants(columns, grad), GRAD_MODES[divergence], temperature, needs)
 
 
 def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float) -> Tensor:
@@ -358,7 +415,7 @@ def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float)
     kx, rx = _probability_constants(lse, inv_t)
     ka, ra = _split(a, inv_t)
     columns = {G_KX: kx, G_RX: rx, G_G: _scaled(grad, inv_t), G_KAX: ka, G_RAX: ra}
-    return _run(x, x, _constants(columns, grad), MODES["entropy"], temperature)[0]
+    return _run(x, x, _constants(columns, grad), GRAD_MODES["entropy"], temperature)[0]
 
 
 def joint_backward(
@@ -373,4 +430,4 @@ def joint_backward(
     kay, ray = _split(b_y, inv_t)
     columns |= {G_KAX: kax, G_RAX: rax, G_GHX: _scaled(grad[..., 1], inv_t)}
     columns |= {G_KAY: kay, G_RAY: ray, G_GHY: _scaled(grad[..., 2], inv_t)}
-    return _run(x, y, _constants(columns, lse_x), MODES["joint"], temperature, needs)
+    return _run(x, y, _constants(columns, lse_x), GRAD_MODES["joint"], temperature, needs)

@@ -39,7 +39,7 @@
 #define BLOCK 2048
 #define NCOL 7
 
-enum { MODE_KL = 0, MODE_HELLINGER = 1, MODE_ENTROPY = 2, MODE_JOINT = 3 };
+enum { MODE_KL = 0, MODE_HELLINGER = 1, MODE_ENTROPY = 2, MODE_JOINT = 3, MODE_JSD = 4, MODE_JSD_SUMS = 5 };
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 /* Block sums, float32. */
@@ -424,10 +424,14 @@ int vppo_cpu_row_stats(const void *x, const void *y, int64_t rows, int64_t vocab
  *   G_RS:       the remainders' difference in natural units: log(p_j/q_j) = ((x_j - KX) - (y_j - KY))/T - RS
  *   G_AM:       the KL, a_x - (lse_x - lse_y); Hellinger: G_BC, the Bhattacharyya coefficient
  *   G_KA*, G_RA*, G_GH*: the entropy's centre (x_j - KA)/T - RA = log-mean shift, and its gradient scale
+ *   JSD (mode 4): G_AM and G_AY hold a_x = sum p log(p/m) and a_y = sum q log(q/m), m = (p + q)/2
+ * Mode 5 (MODE_JSD_SUMS) is the JSD's second forward sweep: it writes (a_x, a_y) per row (float64, into
+ * `sums`) from G_KX..G_RY instead of gradients. log(p/m) is formed as log(2p / (p + q)), exactly 0 where
+ * p == q, as the other backends form it.
  * A row whose gradient scales are all exactly 0 gets exactly 0, without reading it.
  */
 #define GCOL 16
-enum { G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY };
+enum { G_KX, G_RX, G_KY, G_RY, G_G, G_RS, G_AM, G_KAX, G_RAX, G_GHX, G_KAY, G_RAY, G_GHY, G_AY };
 #define G_BC G_AM
 
 typedef struct {
@@ -437,6 +441,7 @@ typedef struct {
     int dtype, mode;
     float c, inv_t;
     const float *k;
+    double *sums; /* MODE_JSD_SUMS: [rows, 2] */
 } gjob_t;
 
 #if VPPO_AVX512
@@ -512,6 +517,62 @@ static void grad_row_avx512(const gjob_t *j, const char *xr, const char *yr, cha
     }
 }
 #define grad_row grad_row_avx512
+
+/* Natural log of r > 0: r = m 2^e with m in [0.75, 1.5), log m = 2 atanh(s), s = (m - 1)/(m + 1),
+ * |s| <= 0.2, a series to s^11 (truncation 3e-10 relative); exactly 0 at r = 1. 0 gives -inf, NaN NaN. */
+static inline __m512 log_v(__m512 r) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 m = _mm512_getmant_ps(r, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero), e = _mm512_getexp_ps(r);
+    __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.5f), _CMP_GE_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, one);
+    __m512 s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one)), s2 = _mm512_mul_ps(s, s);
+    __m512 poly = _mm512_fmadd_ps(s2, _mm512_set1_ps(1.0f / 11), _mm512_set1_ps(1.0f / 9));
+    poly = _mm512_fmadd_ps(poly, s2, _mm512_set1_ps(1.0f / 7));
+    poly = _mm512_fmadd_ps(poly, s2, _mm512_set1_ps(1.0f / 5));
+    poly = _mm512_fmadd_ps(poly, s2, _mm512_set1_ps(1.0f / 3));
+    __m512 s_2 = _mm512_add_ps(s, s), log_m = _mm512_fmadd_ps(_mm512_mul_ps(s_2, s2), poly, s_2);
+    /* e ln 2 in two parts (the first exact for |e| < 2^9) */
+    return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), log_m));
+}
+
+/* The JSD's terms of one row: its second forward sweep (sums != NULL: the row's a_x, a_y) or its
+ * gradients dx = g/2 (p log(p/m) - p a_x), dy = g/2 (q log(q/m) - q a_y) (dx 0 where p = 0). */
+static void jsd_row_avx512(const gjob_t *j, const char *xr, const char *yr, char *gxr, char *gyr, const float *k,
+                           double *sums) {
+    const __m512i table = _mm512_loadu_si512(EXP2_16THS);
+    const __m512 c = _mm512_set1_ps(j->c), zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
+    const __m512 kx = _mm512_set1_ps(k[G_KX]), rx = _mm512_set1_ps(k[G_RX]), ky = _mm512_set1_ps(k[G_KY]),
+                 ry = _mm512_set1_ps(k[G_RY]), hg = _mm512_set1_ps(0.5f * k[G_G]), ax = _mm512_set1_ps(k[G_AM]),
+                 ay = _mm512_set1_ps(k[G_AY]);
+    const __mmask16 live = k[G_G] != 0.0f ? 0xFFFF : 0;
+    const int dt = j->dtype;
+    __m512 sx = zero, sy = zero;
+    double tx = 0, ty = 0;
+    for (int64_t i = 0; i < j->vocab; i += 16) {
+        __mmask16 m = j->vocab - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (j->vocab - i)) - 1), lv;
+        __m512 p = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(load16(xr, dt, i, m), kx), c, rx), table, &lv);
+        __m512 q = exp2_v(_mm512_fmsub_ps(_mm512_sub_ps(load16(yr, dt, i, m), ky), c, ry), table, &lv);
+        __m512 pq = _mm512_add_ps(p, q);
+        /* p log(2p / (p + q)): 0 where p = 0 (kept NaN where p is NaN) */
+        __mmask16 pz = _mm512_cmp_ps_mask(p, zero, _CMP_NEQ_UQ) & m, qz = _mm512_cmp_ps_mask(q, zero, _CMP_NEQ_UQ) & m;
+        __m512 wp = _mm512_maskz_mul_ps(pz, p, log_v(_mm512_div_ps(_mm512_mul_ps(two, p), pq)));
+        __m512 wq = _mm512_maskz_mul_ps(qz, q, log_v(_mm512_div_ps(_mm512_mul_ps(two, q), pq)));
+        if (sums) {
+            sx = _mm512_add_ps(sx, wp), sy = _mm512_add_ps(sy, wq);
+            if ((i & (BLOCK - 1)) == BLOCK - 16) { /* float32 sums over blocks of BLOCK, then float64 */
+                tx += _mm512_reduce_add_ps(sx), ty += _mm512_reduce_add_ps(sy);
+                sx = zero, sy = zero;
+            }
+            continue;
+        }
+        __mmask16 px = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);
+        if (gxr) store16(gxr, dt, i, m, _mm512_maskz_mul_ps(live & px, hg, _mm512_fnmadd_ps(p, ax, wp)));
+        if (gyr) store16(gyr, dt, i, m, _mm512_maskz_mul_ps(live, hg, _mm512_fnmadd_ps(q, ay, wq)));
+    }
+    if (sums) sums[0] = tx + _mm512_reduce_add_ps(sx), sums[1] = ty + _mm512_reduce_add_ps(sy);
+}
+#define jsd_row jsd_row_avx512
 
 #else
 
@@ -597,6 +658,35 @@ static void grad_row_portable(const gjob_t *j, const char *xr, const char *yr, c
     }
 }
 #define grad_row grad_row_portable
+
+static void jsd_row_portable(const gjob_t *j, const char *xr, const char *yr, char *gxr, char *gyr, const float *k,
+                             double *sums) {
+    const int64_t es = j->dtype == DT_F32 ? 4 : 2;
+    const float c = j->c, kx = k[G_KX], rx = k[G_RX], ky = k[G_KY], ry = k[G_RY], hg = 0.5f * k[G_G], ax = k[G_AM],
+                ay = k[G_AY];
+    const int live = k[G_G] != 0.0f;
+    float bx[BLOCK] __attribute__((aligned(64))), by[BLOCK] __attribute__((aligned(64)));
+    float ox[BLOCK] __attribute__((aligned(64))), oy[BLOCK] __attribute__((aligned(64)));
+    double tx = 0, ty = 0;
+    for (int64_t b0 = 0; b0 < j->vocab; b0 += BLOCK) {
+        int64_t n = j->vocab - b0 < BLOCK ? j->vocab - b0 : BLOCK;
+        float sx = 0, sy = 0;
+        widen_block(xr + b0 * es, j->dtype, n, bx);
+        widen_block(yr + b0 * es, j->dtype, n, by);
+        for (int64_t i = 0; i < n; i++) {
+            float p = exp2_neg((bx[i] - kx) * c - rx), q = exp2_neg((by[i] - ky) * c - ry), pq = p + q;
+            float wp = p != 0.0f ? p * logf(2.0f * p / pq) : 0.0f, wq = q != 0.0f ? q * logf(2.0f * q / pq) : 0.0f;
+            sx += wp, sy += wq;
+            ox[i] = live && p > 0.0f ? hg * (wp - p * ax) : 0.0f;
+            oy[i] = live ? hg * (wq - q * ay) : 0.0f;
+        }
+        tx += sx, ty += sy;
+        if (!sums && gxr) narrow(ox, j->dtype, n, gxr + b0 * es);
+        if (!sums && gyr) narrow(oy, j->dtype, n, gyr + b0 * es);
+    }
+    if (sums) sums[0] = tx, sums[1] = ty;
+}
+#define jsd_row jsd_row_portable
 #endif
 
 static void *run_grad_rows(void *arg) {
@@ -606,13 +696,21 @@ static void *run_grad_rows(void *arg) {
         const float *k = j->k + row * GCOL;
         int64_t b = row / j->seq, s = row % j->seq;
         char *gxr = j->gx ? j->gx + row * j->vocab * es : NULL, *gyr = j->gy && j->mode != MODE_ENTROPY ? j->gy + row * j->vocab * es : NULL;
+        const char *xin = j->x + (b * j->sxb + s * j->sxs) * es, *yin = j->y + (b * j->syb + s * j->sys) * es;
+        if (j->mode == MODE_JSD_SUMS) {
+            jsd_row(j, xin, yin, NULL, NULL, k, j->sums + 2 * row);
+            continue;
+        }
         int zero = k[G_G] == 0.0f && (j->mode != MODE_JOINT || (k[G_GHX] == 0.0f && k[G_GHY] == 0.0f));
         if (zero) { /* a masked row: exactly 0, whatever it holds */
             if (gxr) memset(gxr, 0, (size_t)(j->vocab * es));
             if (gyr) memset(gyr, 0, (size_t)(j->vocab * es));
             continue;
         }
-        grad_row(j, j->x + (b * j->sxb + s * j->sxs) * es, j->y + (b * j->syb + s * j->sys) * es, gxr, gyr, k);
+        if (j->mode == MODE_JSD)
+            jsd_row(j, xin, yin, gxr, gyr, k, NULL);
+        else
+            grad_row(j, xin, yin, gxr, gyr, k);
     }
     return NULL;
 }
@@ -622,13 +720,13 @@ static void *run_grad_rows(void *arg) {
  * mode 2) is not computed: a caller that differentiates one input only writes (and maps) one gradient. */
 int vppo_cpu_row_grads(const void *x, const void *y, void *gx, void *gy, int64_t batch, int64_t seq, int64_t vocab,
                        int64_t sxb, int64_t sxs, int64_t syb, int64_t sys, int dtype, int mode, double c, double inv_t,
-                       const float *k, int threads) {
+                       const float *k, double *sums, int threads) {
     const int64_t rows = batch * seq;
     gjob_t jobs[MAX_THREADS];
     threads = thread_count(threads, rows);
     for (int t = 0; t < threads; t++) {
         gjob_t j = {(const char *)x, (const char *)y, (char *)gx, (char *)gy, rows * t / threads,
-                    rows * (t + 1) / threads, seq, vocab, sxb, sxs, syb, sys, dtype, mode, (float)c, (float)inv_t, k};
+                    rows * (t + 1) / threads, seq, vocab, sxb, sxs, syb, sys, dtype, mode, (float)c, (float)inv_t, k, sums};
         jobs[t] = j;
     }
     run_jobs(run_grad_rows, (char *)jobs, sizeof(gjob_t), threads);
