@@ -18,11 +18,13 @@ Providers on ``[tokens, vocab]`` logits (vocab 151 936, fp32 and bf16):
 - ``exp-floor``: a reference, not a provider: a compiled ``sum(exp2(x)) + sum(exp2(y))``, the least
   arithmetic any exact method does (two exponentials per vocabulary entry).
 
-The squared Hellinger distance and the token entropy run on the same kernels (``test_other``, groups
-``hellinger ...`` and ``entropy ...``, ``VPPO_BENCH_OTHER_TOKENS``, default ``2048``): ``naive`` is
-``softmax`` of both then ``1 - sum sqrt(p q)``, resp. ``log_softmax`` then ``-sum p log p``, in the
-input dtype; ``torch``, ``compile``, ``cpu``, ``triton`` and ``+bwd`` call ``visual_dependency(...,
-divergence="hellinger")`` resp. ``token_entropy``. The entropy reads one input, so its bytes are those
+The squared Hellinger distance, the Jensen-Shannon divergence and the token entropy run on the same
+kernels (``test_other``, groups ``hellinger ...``, ``jsd ...`` and ``entropy ...``,
+``VPPO_BENCH_OTHER_TOKENS``, default ``2048``): ``naive`` is ``softmax`` of both then
+``1 - sum sqrt(p q)``, resp. ``log_softmax`` of both, ``logaddexp`` for ``log m`` and the two sums,
+resp. ``log_softmax`` then ``-sum p log p``, in the input dtype; ``torch``, ``compile``, ``cpu``,
+``triton`` and ``+bwd`` call ``visual_dependency(..., divergence="hellinger")`` (``"jsd"``) resp.
+``token_entropy``. The entropy reads one input, so its bytes are those
 of ``x`` alone. Group ``kl+entropies``: ``visual_dependency_and_entropies`` (``torch``, ``compile``,
 ``cpu``, ``triton``, ``+bwd``: the gradient of the sum of the three values) against ``separate`` (the
 same three values from ``visual_dependency`` and two ``token_entropy`` calls, compiled;
@@ -277,14 +279,23 @@ def naive_entropy(x: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _hellinger(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    def run(x: torch.Tensor, y: torch.Tensor) -> Any:
-        if not bwd:
-            return visual_dependency(x, y, divergence="hellinger", backend=backend)
-        x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
-        return torch.autograd.grad(visual_dependency(x, y, divergence="hellinger", backend=backend).sum(), (x, y))
+def naive_jsd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    lp, lq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    lm = torch.logaddexp(lp, lq) - math.log(2.0)
+    return 0.5 * ((lp.exp() * (lp - lm)).sum(-1) + (lq.exp() * (lq - lm)).sum(-1))
 
-    return run
+
+def _divergence(divergence: str) -> Callable[..., Callable[[torch.Tensor, torch.Tensor], Any]]:
+    def make(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+        def run(x: torch.Tensor, y: torch.Tensor) -> Any:
+            if not bwd:
+                return visual_dependency(x, y, divergence=divergence, backend=backend)
+            x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+            return torch.autograd.grad(visual_dependency(x, y, divergence=divergence, backend=backend).sum(), (x, y))
+
+        return run
+
+    return make
 
 
 def _entropy(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -299,7 +310,7 @@ def _entropy(backend: str, bwd: bool = False) -> Callable[[torch.Tensor, torch.T
 
 OTHER: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]] = {
     quantity: {
-        "naive": naive_hellinger if quantity == "hellinger" else lambda x, y: naive_entropy(x),
+        "naive": {"hellinger": naive_hellinger, "jsd": naive_jsd}.get(quantity, lambda x, y: naive_entropy(x)),
         **{
             name: make(backend, bwd)
             for name, backend, bwd in (
@@ -313,7 +324,7 @@ OTHER: dict[str, dict[str, Callable[[torch.Tensor, torch.Tensor], Any]]] = {
             )
         },
     }
-    for quantity, make in (("hellinger", _hellinger), ("entropy", _entropy))
+    for quantity, make in (("hellinger", _divergence("hellinger")), ("jsd", _divergence("jsd")), ("entropy", _entropy))
 }
 
 
