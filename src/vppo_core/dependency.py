@@ -67,7 +67,8 @@ def visual_dependency(
     Backends (see ``docs/kernels.md``): ``"torch"`` is chunked eager PyTorch; ``"compile"`` a
     kernel compiled with ``torch.compile`` that reads each input once (CPU and GPU); ``"cpu"`` a
     hand-vectorised C kernel for CPU tensors that reads each input once and overlaps the reads with
-    the arithmetic (built with the system C compiler at first use; backward as ``"compile"``);
+    the arithmetic (built with the system C compiler at first use; its backward is C too, and
+    computes only the gradients of the inputs that require one);
     ``"triton"`` a fused single-pass GPU kernel. ``"cpu"`` and ``"triton"`` are ``torch.library``
     custom ops, so they also run inside your step compiled with ``torch.compile``. ``"auto"`` picks
     Triton for CUDA tensors (when Triton 3.2 or newer is installed); for CPU inputs of at least
