@@ -242,21 +242,23 @@ def _grad_shapes(x: Tensor, y: Tensor, mode: int, need: int) -> tuple[tuple[int,
     return (tuple(x.shape) if need & 1 else (0,)), (tuple(y.shape) if need_y else (0,))
 
 
-@torch.library.custom_op("vppo_core::cpu_row_grads", mutates_args=())
-def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, need: int = 3) -> tuple[Tensor, Tensor]:
-    """Gradients (contiguous, in the inputs' dtype) of ``[batch, seq, vocab]`` CPU logits with unit stride
-    along the vocabulary, from float32 row constants ``[batch * seq, 16]`` (see `_constants`). ``need``:
-    bit 0 for ``x``'s gradient, bit 1 for ``y``'s; a gradient not needed (and ``y``'s for the entropy,
-    mode 2, where ``y`` is ignored) is an empty tensor, neither computed nor allocated."""
-    shape_x, shape_y = _grad_shapes(x, y, mode, need)
-    gx, gy = torch.empty(shape_x, dtype=x.dtype), torch.empty(shape_y, dtype=y.dtype)
-    if gx.numel() == 0 and gy.numel() == 0:
-        return gx, gy
+def _row_grads_call(
+    x: Tensor,
+    y: Tensor,
+    gx: Tensor | None,
+    gy: Tensor | None,
+    mode: int,
+    inv_t: Tensor,
+    consts: Tensor,
+    sums: Tensor | None,
+) -> None:
+    """``vppo_cpu_row_grads`` on ``[batch, seq, vocab]`` inputs: gradients into ``gx``/``gy`` (``None`` or
+    empty: not computed), or, for the JSD's sweep, the row sums into ``sums``."""
     library(_state["portable"]).vppo_cpu_row_grads(
         x.data_ptr(),
         y.data_ptr(),
-        gx.data_ptr() if gx.numel() else None,
-        gy.data_ptr() if gy.numel() else None,
+        gx.data_ptr() if gx is not None and gx.numel() else None,
+        gy.data_ptr() if gy is not None and gy.numel() else None,
         x.shape[0],
         x.shape[1],
         x.shape[2],
@@ -269,9 +271,22 @@ def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, ne
         LOG2E * float(inv_t),
         float(inv_t),
         consts.data_ptr(),
-        None,
+        sums.data_ptr() if sums is not None else None,
         torch.get_num_threads(),
     )
+
+
+@torch.library.custom_op("vppo_core::cpu_row_grads", mutates_args=())
+def row_grads(x: Tensor, y: Tensor, consts: Tensor, mode: int, inv_t: Tensor, need: int = 3) -> tuple[Tensor, Tensor]:
+    """Gradients (contiguous, in the inputs' dtype) of ``[batch, seq, vocab]`` CPU logits with unit stride
+    along the vocabulary, from float32 row constants ``[batch * seq, 16]`` (see `_constants`). ``need``:
+    bit 0 for ``x``'s gradient, bit 1 for ``y``'s; a gradient not needed (and ``y``'s for the entropy,
+    mode 2, where ``y`` is ignored) is an empty tensor, neither computed nor allocated."""
+    shape_x, shape_y = _grad_shapes(x, y, mode, need)
+    gx, gy = torch.empty(shape_x, dtype=x.dtype), torch.empty(shape_y, dtype=y.dtype)
+    if gx.numel() == 0 and gy.numel() == 0:
+        return gx, gy
+    _row_grads_call(x, y, gx, gy, mode, inv_t, consts, None)
     return gx, gy
 
 
@@ -289,26 +304,7 @@ def jsd_sums(x: Tensor, y: Tensor, consts: Tensor, inv_t: Tensor) -> Tensor:
     out = torch.empty((x.shape[0] * x.shape[1], 2), dtype=torch.float64)
     if out.numel() == 0 or x.shape[2] == 0:
         return out.zero_()
-    library(_state["portable"]).vppo_cpu_row_grads(
-        x.data_ptr(),
-        y.data_ptr(),
-        None,
-        None,
-        x.shape[0],
-        x.shape[1],
-        x.shape[2],
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        DTYPES[x.dtype],
-        GRAD_MODES["jsd_sums"],
-        LOG2E * float(inv_t),
-        float(inv_t),
-        consts.data_ptr(),
-        out.data_ptr(),
-        torch.get_num_threads(),
-    )
+    _row_grads_call(x, y, None, None, GRAD_MODES["jsd_sums"], inv_t, consts, out)
     return out
 
 
