@@ -320,10 +320,11 @@ def _split(centre: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     return _torch._split(centre, inv_t, torch.float32)
 
 
-def _probability_constants(lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
-    """``(k, r)`` with ``p_j = 2^{(x_j - k) c - r}``, ``c = log2(e)/T``: `._torch._probs` in base 2."""
+def _probability_constants(lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(k, r, rest)`` with ``p_j = 2^{(x_j - k) c - r}``, ``c = log2(e)/T`` (`._torch._probs` in base 2),
+    and the float64 remainder ``rest = r / log2(e)`` in natural units."""
     k, rest = _split(lse, inv_t)
-    return k, (rest * LOG2E).float()
+    return k, rest * LOG2E, rest
 
 
 def _constants(columns: dict[int, Tensor], like: Tensor) -> Tensor:
@@ -337,18 +338,15 @@ def _kl_columns(lse_x: Tensor, lse_y: Tensor, a_x: Tensor, g: Tensor, inv_t: flo
     """``dx_j = g p_j (log(p_j/q_j) - KL)/T`` and ``dy_j = g (q_j - p_j)/T``, formed as `._torch.chunk_grads`
     forms them: ``log(p_j/q_j) = ((x_j - k_x) - (y_j - k_y))/T - (r_x - r_y)`` (`._torch._log_ratio`) and
     the KL ``a_x - (lse_x - lse_y)`` in float64."""
-    kx, rx2 = _probability_constants(lse_x, inv_t)
-    ky, ry2 = _probability_constants(lse_y, inv_t)
-    rest = _split(lse_x, inv_t)[1] - _split(lse_y, inv_t)[1]
-    kl = a_x - (lse_x - lse_y)
-    return {G_KX: kx, G_RX: rx2, G_KY: ky, G_RY: ry2, G_G: g, G_RS: rest, G_AM: kl}
+    return {**_pq_columns(lse_x, lse_y, inv_t), G_G: g, G_AM: a_x - (lse_x - lse_y)}
 
 
 def _pq_columns(lse_x: Tensor, lse_y: Tensor, inv_t: float) -> dict[int, Tensor]:
-    """The constants of ``p`` and ``q`` (`_probability_constants`)."""
-    kx, rx = _probability_constants(lse_x, inv_t)
-    ky, ry = _probability_constants(lse_y, inv_t)
-    return {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry}
+    """The constants of ``p`` and ``q`` (`_probability_constants`) and the remainders' difference
+    ``r_x - r_y`` of the KL's log-ratio (read in the KL and joint modes only)."""
+    kx, rx, rest_x = _probability_constants(lse_x, inv_t)
+    ky, ry, rest_y = _probability_constants(lse_y, inv_t)
+    return {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_RS: rest_x - rest_y}
 
 
 def _jsd_sums(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, temperature: float) -> Tensor:
@@ -395,10 +393,8 @@ def backward(
     if divergence == "jsd":
         columns = {**_pq_columns(lse_x, lse_y, inv_t), G_G: g, G_AM: a_x, G_AY: a_y}
     elif divergence == "hellinger":
-        kx, rx = _probability_constants(lse_x, inv_t)
-        ky, ry = _probability_constants(lse_y, inv_t)
         bc = torch.exp(a_x - 0.5 * (lse_x + lse_y))  # a_x holds lse((x + y)/2)
-        columns = {G_KX: kx, G_RX: rx, G_KY: ky, G_RY: ry, G_G: g, G_BC: bc}
+        columns = {**_pq_columns(lse_x, lse_y, inv_t), G_G: g, G_BC: bc}
     else:
         columns = _kl_columns(lse_x, lse_y, a_x, g, inv_t)
     return _run(x, y, _constants(columns, grad), GRAD_MODES[divergence], temperature, needs)
@@ -408,7 +404,7 @@ def entropy_backward(grad: Tensor, x: Tensor, stats: Tensor, temperature: float)
     """Gradient of ``sum(grad * H)``: ``dx_j = -g p_j (x_j - a)/T`` (`._torch.entropy_chunk_grad`)."""
     inv_t = 1.0 / temperature
     lse, a = stats.unbind(-1)
-    kx, rx = _probability_constants(lse, inv_t)
+    kx, rx, _ = _probability_constants(lse, inv_t)
     ka, ra = _split(a, inv_t)
     columns = {G_KX: kx, G_RX: rx, G_G: _scaled(grad, inv_t), G_KAX: ka, G_RAX: ra}
     return _run(x, x, _constants(columns, grad), GRAD_MODES["entropy"], temperature)[0]

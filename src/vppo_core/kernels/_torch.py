@@ -103,14 +103,12 @@ def _centred(x: Tensor, centre: Tensor, inv_t: float | Tensor) -> Tensor:
     return (x - k) * inv_t - rest.to(x.dtype)
 
 
-def _log_ratio(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float | Tensor) -> Tensor:
-    """``log(p_j/q_j) = (x_j - y_j)/T - (lse_x - lse_y)`` as ``((x_j - k_x) - (y_j - k_y))/T - (r_x - r_y)``
-    with each lse split as `_probs` splits it: ``x_j - k_x`` and ``y_j - k_y`` are exact near each row's
-    top, so neither an offset between the two inputs (``x_j - y_j`` would round to ``eps |x_j - y_j|``)
-    nor a large ``|x|/T`` enters."""
-    k_x, r_x = _split(lse_x, inv_t, x.dtype)
-    k_y, r_y = _split(lse_y, inv_t, y.dtype)
-    return ((x - k_x) - (y - k_y)) * inv_t - (r_x - r_y).to(x.dtype)
+def _log_ratio(dx: Tensor, dy: Tensor, r_x: Tensor, r_y: Tensor, inv_t: float | Tensor) -> Tensor:
+    """``log(p_j/q_j) = (x_j - y_j)/T - (lse_x - lse_y)`` as ``(dx_j - dy_j)/T - (r_x - r_y)``, from each lse
+    split as `_probs` splits it (``dx = x - k_x``, float64 remainder ``r_x``; the same for ``y``):
+    ``dx_j`` and ``dy_j`` are exact near each row's top, so neither an offset between the two inputs
+    (``x_j - y_j`` would round to ``eps |x_j - y_j|``) nor a large ``|x|/T`` enters."""
+    return (dx - dy) * inv_t - (r_x - r_y).to(dx.dtype)
 
 
 def _log_ratios(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,14 +124,15 @@ def _finite_max(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(m), m, 0.0)
 
 
-def _softmax64(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
-    """``(lse, p)`` of raw logits ``x`` at temperature ``1 / inv_t``: float64 ``lse = M/T + log s``
+def _softmax64(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lse, p, M)`` of raw logits ``x`` at temperature ``1 / inv_t``: float64 ``lse = M/T + log s``
     (``[..., 1]``, added in float64, see the module notes) and ``p = e / s``, with ``e = exp((x - M)/T)``
-    shifted before it is scaled (no rounding proportional to ``|x|/T``, as in `_probs`)."""
+    shifted before it is scaled (no rounding proportional to ``|x|/T``, as in `_probs`); ``M`` is the
+    row maximum it shifted by (`_finite_max`)."""
     m = _finite_max(x)
     e = torch.exp((x - m) * inv_t)
     s = e.sum(-1, keepdim=True)
-    return m.double() * inv_t + s.double().log(), e / s
+    return m.double() * inv_t + s.double().log(), e / s, m
 
 
 def hellinger_value(stats: Tensor) -> Tensor:
@@ -165,14 +164,13 @@ def _chunk_stats(xc: Tensor, yc: Tensor, inv_t: float, divergence: str) -> tuple
         return hellinger_value(stats), stats
     dtype = compute_dtype(xc)
     x, y = xc.to(dtype), yc.to(dtype)
-    lse_x, p = _softmax64(x, inv_t)
-    lse_y, q = _softmax64(y, inv_t)
+    lse_x, p, mx = _softmax64(x, inv_t)
+    lse_y, q, my = _softmax64(y, inv_t)
     if divergence == "kl":
         # KL = sum_j p_j (log p_j - log q_j), with log p_j - log q_j = (x_j - y_j)/T - (lse_x - lse_y)
         # formed as ((x_j - m_x) - (y_j - m_y))/T minus a float64 centre: no cancellation of a_x against
         # lse_x - lse_y, and no rounding of x_j - y_j proportional to an offset between the inputs
         shift = _lse_gap(lse_x, lse_y)
-        mx, my = _finite_max(x), _finite_max(y)
         centre = shift - (mx.double() - my.double()) * inv_t
         value = _p_weighted(p, _centred((x - mx) - (y - my), centre, inv_t)).sum(-1).double()
         a_x = value + shift.squeeze(-1)
@@ -217,12 +215,15 @@ def chunk_grads(
     lse_x, lse_y, a_x, a_y = (s.unsqueeze(-1) for s in stats.unbind(-1))
     g = grad.to(dtype).unsqueeze(-1) * inv_t
     live = g != 0
-    p, q = _probs(x, lse_x, inv_t), _probs(y, lse_y, inv_t)
+    # p and q as `_probs` forms them, keeping x - k_x and y - k_y for the KL's log-ratio
+    (k_x, r_x), (k_y, r_y) = _split(lse_x, inv_t, dtype), _split(lse_y, inv_t, dtype)
+    dx, dy = x - k_x, y - k_y
+    p, q = torch.exp(dx * inv_t - r_x.to(dtype)), torch.exp(dy * inv_t - r_y.to(dtype))
     if divergence == "kl":
         # (x_j - y_j)/T - a_x as log(p_j/q_j) - KL (`_log_ratio`, the KL in float64), so neither an offset
         # of x and y (common or between them) nor a small T cancels the digits away
         kl = a_x - (lse_x - lse_y)
-        gx = g * (_p_weighted(p, _log_ratio(x, y, lse_x, lse_y, inv_t)) - p * kl.to(dtype))
+        gx = g * (_p_weighted(p, _log_ratio(dx, dy, r_x, r_y, inv_t)) - p * kl.to(dtype))
         gy = g * (q - p)
     elif divergence == "jsd":
         rp, rq = _log_ratios(p, q)

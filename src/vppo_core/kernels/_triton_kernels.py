@@ -123,8 +123,8 @@ def _fwd_kernel(
         y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32)
         new_x = tl.maximum(m_x, tl.max(x, 0))
         new_y = tl.maximum(m_y, tl.max(y, 0))
-        use_x = tl.where(new_x == -float("inf"), 0.0, new_x)  # all -inf so far: keep exp() finite
-        use_y = tl.where(new_y == -float("inf"), 0.0, new_y)
+        use_x = _finite_or_zero(new_x)  # all -inf so far: keep exp() finite
+        use_y = _finite_or_zero(new_y)
         alpha_x = tl.exp((m_x - use_x) * inv_t)
         ex = tl.exp((x - use_x) * inv_t)
         ey = tl.exp((y - use_y) * inv_t)
@@ -238,7 +238,7 @@ def _entropy_step(m, s, h, x, inv_t):
     any other sum kept at the same shift (``use``: the new maximum, 0 while it is -inf so that exp()
     stays finite)."""
     new = tl.maximum(m, tl.max(x, 0))
-    use = tl.where(new == -float("inf"), 0.0, new)
+    use = _finite_or_zero(new)
     alpha = tl.exp((m - use) * inv_t)
     t = (x - use) * inv_t
     e = tl.exp(t)
