@@ -30,6 +30,7 @@ from ._compile_cores import (
     forward_core,
     joint_backward_core,
     joint_forward_core,
+    jsd_partial_core,
 )
 
 # ----------------------------------------------------------------------------- compilation and caching
@@ -198,20 +199,15 @@ def _call_forward(dtype: torch.dtype, op: str, *args: Tensor) -> tuple[Tensor, T
     return _compiled(kind, dtype, op, _layout(*rows))(*rows, inv_t)
 
 
-def _jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
-    acc = compute_dtype(x)
-    return _torch.jsd_partial(x, y, lse_x, lse_y, inv_t.to(acc))
-
-
 @functools.cache
 def _compiled_jsd_partial(dtype: torch.dtype, layout: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    return _compile_copy(_jsd_partial_core, f"_jsd_partial_{str(dtype).removeprefix('torch.')}_{layout}")
+    return _compile_copy(jsd_partial_core, f"_jsd_partial_{str(dtype).removeprefix('torch.')}_{layout}")
 
 
 def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     """Compiled `._torch.jsd_partial` of ``[rows, vocab]`` logits (no chunk-sized temporaries)."""
     if torch.compiler.is_compiling():
-        return _jsd_partial_core(x, y, lse_x, lse_y, _scalar(inv_t, x))
+        return jsd_partial_core(x, y, lse_x, lse_y, _scalar(inv_t, x))
     x, y = _canonical(x.detach()), _canonical(y.detach())
     lse_x, lse_y = _fresh(lse_x), _fresh(lse_y)
     return _compiled_jsd_partial(x.dtype, _layout(x, y))(x, y, lse_x, lse_y, _scalar(inv_t, x))

@@ -230,6 +230,49 @@ def joint_backward_core(grad: Tensor, x: Tensor, y: Tensor, stats: Tensor, inv_t
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
+# ----------------------------------------------------------------------------- Jensen-Shannon terms
+#
+# The JSD's second sweep and its backward need p_j and q_j themselves, each read several times. Formed
+# with ``exp`` (as `._torch` forms them), Inductor stores both to memory on CPU and then the two
+# log-ratios as well (it realizes any reused pointwise result that calls exp or log): four float32
+# copies of the input. With ``exp2`` and each logarithm read once, it keeps the sweep in one loop.
+
+
+def _probs2(x: Tensor, lse: Tensor, inv_t: Tensor) -> Tensor:
+    """``exp(x/T - lse)`` of raw logits ``x`` (compute dtype) and a float64 ``lse``, split as
+    `._torch._probs` splits it (exact near the row's top) but in base 2: ``2^{(x - k) c - rest log2 e}``."""
+    k, rest = _torch._split(lse.unsqueeze(-1), inv_t, x.dtype)
+    return torch.exp2((x - k) * (inv_t * LOG2E).to(x.dtype) - (rest * LOG2E).to(x.dtype))
+
+
+def _jsd_terms(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p_j log(2 p_j/(p_j + q_j)), q_j log(2 q_j/(p_j + q_j)))``, 0 where the weight is 0 (as
+    `._torch._log_ratios` and `._torch._p_weighted`; the ratio is at most 2, so never ``+inf``)."""
+    s = p + q
+    return (
+        torch.where(p == 0, 0.0, p * torch.log(2.0 * p / s)),
+        torch.where(q == 0, 0.0, q * torch.log(2.0 * q / s)),
+    )
+
+
+def jsd_partial_core(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """`._torch.jsd_partial` of ``[rows, vocab]`` logits (float64 ``inv_t``), in one loop per row."""
+    acc = compute_dtype(x)
+    t_x, t_y = _jsd_terms(_probs2(x.to(acc), lse_x, inv_t), _probs2(y.to(acc), lse_y, inv_t))
+    return t_x.sum(-1), t_y.sum(-1)
+
+
+def _jsd_grads(x: Tensor, y: Tensor, stats: Tensor, grad: Tensor, inv_t: Tensor) -> tuple[Tensor, Tensor]:
+    """The JSD case of `._torch.chunk_grads` for ``[rows, vocab]`` logits in the compute dtype."""
+    p, q = _probs2(x, stats[:, 0], inv_t), _probs2(y, stats[:, 1], inv_t)
+    t_x, t_y = _jsd_terms(p, q)
+    g = grad.unsqueeze(-1) * inv_t.to(x.dtype)
+    gx = 0.5 * g * (t_x - p * stats[:, 2:3].to(x.dtype))
+    gy = 0.5 * g * (t_y - q * stats[:, 3:4].to(x.dtype))
+    live = g != 0
+    return torch.where(live & (p > 0), gx, 0.0), torch.where(live, gy, 0.0)
+
+
 def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") -> tuple[Tensor, Tensor]:
     """``[rows, vocab]`` -> (value ``[rows]``, stats ``[rows, 4]``); see `._torch` for the stats."""
     acc = compute_dtype(x)
@@ -238,7 +281,7 @@ def forward_core(x: Tensor, y: Tensor, inv_t: Tensor, divergence: str = "kl") ->
     lse = _lse_stats(x, y, inv_t)
     if divergence == "kl":
         return _rows.finish_divergence(divergence, lse, acc)
-    a_x, a_y = _torch.jsd_partial(x.to(acc), y.to(acc), lse[0], lse[1], inv_t.to(acc))
+    a_x, a_y = jsd_partial_core(x, y, lse[0], lse[1], inv_t)
     return _rows.finish_jsd(lse[0], lse[1], a_x, a_y, acc)
 
 
@@ -247,7 +290,10 @@ def backward_core(
 ) -> tuple[Tensor, Tensor]:
     """Pointwise gradients of ``[rows, vocab]`` logits, in the inputs' dtype."""
     acc = compute_dtype(x)
-    gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), divergence)
+    if divergence == "jsd":
+        gx, gy = _jsd_grads(x.to(acc), y.to(acc), stats, grad.to(acc), inv_t)
+    else:
+        gx, gy = _torch.chunk_grads(x, y, stats, grad, inv_t.to(acc), divergence)
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
