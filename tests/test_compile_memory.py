@@ -20,12 +20,11 @@ ROWS, VOCAB = 64, 65_536  # 16 MiB per float32 input
 SLACK = 2 * 2**20  # row statistics, thread scratch, page granularity
 
 
-def _status(field: str) -> int:
+def _memory() -> dict[str, int]:
+    """The ``kB`` fields of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+        fields = (line.split(":", 1) for line in f)
+        return {k: int(v.split()[0]) * 1024 for k, v in fields if v.strip().endswith("kB")}
 
 
 def peak_extra(fn) -> int:
@@ -36,11 +35,11 @@ def peak_extra(fn) -> int:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident size
-        base = _status("VmRSS")
+        base = _memory()["VmRSS"]
     except (OSError, KeyError):
         pytest.skip("the resident high-water mark cannot be reset here")
     out = fn()
-    peak = _status("VmHWM")
+    peak = _memory()["VmHWM"]
     del out
     return peak - base
 
