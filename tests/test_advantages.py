@@ -34,6 +34,20 @@ def test_grpo_equal_rewards_give_zero_and_binary_rewards():
     torch.testing.assert_close(adv[2:], torch.tensor([-0.5, 1.5, -0.5, -0.5]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_grpo_equal_fractional_rewards_give_exactly_zero(scale):
+    # the reference reward 0.9 acc + 0.1 format makes all-0.1 and all-0.9 groups common; a float32
+    # group mean of them is off by a few ulps, which std + eps (std ~ 0) turned into advantages of
+    # up to 0.35, one sign for the whole group
+    for value in (0.1, 0.9, 0.3):
+        for size in (16, 64):
+            rewards = torch.cat([torch.full((size,), value), torch.tensor([0.0, 1.0])])
+            ids = torch.cat([torch.zeros(size, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+            adv = grpo_advantages(rewards, ids, scale=scale)
+            assert torch.equal(adv[:size], torch.zeros(size)), (value, size, adv[:size].abs().max())
+            assert adv[size:].abs().min() >= 0.5 - 1e-6  # the other group keeps its advantages
+
+
 @given(st.lists(st.floats(-100, 100), min_size=2, max_size=24), st.integers(1, 6), st.integers(0, 2**16))
 def test_grpo_property_group_means_are_zero(rewards, n_groups, seed):
     g = torch.Generator().manual_seed(seed)

@@ -256,6 +256,19 @@ def test_topq_threshold_per_unit():
     assert per_row[~mask.any(-1)].eq(math.inf).all()
 
 
+def test_topq_threshold_recipe_keeps_nan_scores_as_topq_mask_does():
+    # NaN ranks first, so the n-th largest score can itself be NaN: "scores >= threshold" alone
+    # then keeps nothing, or drops the NaN token topq_mask keeps
+    scores = torch.tensor([[math.nan, 0.1, 2.0, 0.3], [0.2, 0.1, 0.0, -1.0]])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for q in (0.25, 0.5):
+        for scope in ("response", "batch"):
+            threshold = topq_threshold(scores, mask, q=q, scope=scope)
+            recipe = mask & ((scores >= threshold[:, None]) | scores.isnan())
+            assert torch.equal(recipe, topq_mask(scores, mask, q=q, scope=scope, exact=False)), (q, scope)
+            assert recipe[0, 0]
+
+
 def test_selection_errors():
     s, m = torch.rand(2, 3), torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"q must be in \(0, 1\], got 1.5"):

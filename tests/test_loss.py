@@ -164,6 +164,37 @@ def test_aggregate_all_padding_is_zero_not_nan():
         assert aggregate(values, torch.zeros(2, 3), agg=agg) == 0
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("denominator", ["valid", "kept"])
+def test_aggregate_float_weights_are_constants_and_padding_nan_weights_do_not_leak(agg, denominator):
+    # the reference code detaches its token mask; a weight built from a differentiable signal got
+    # gradient, and a NaN weight at a padded position reached the values' gradient as 0 * NaN
+    source = torch.rand(2, 3, requires_grad=True)
+    weights = torch.sigmoid(source).detach().clone()
+    weights[0, 2], weights[1, 2] = math.nan, math.inf  # outside the response below
+    weights = weights + 0 * source  # differentiable, same values
+    values = torch.randn(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = aggregate(values, mask, weights, agg=agg, denominator=denominator)
+    out.backward()
+    assert source.grad is None or torch.equal(source.grad, torch.zeros(2, 3))
+    assert torch.isfinite(values.grad).all() and torch.equal(values.grad[mask == 0], torch.zeros(3))
+    expected = aggregate(
+        values.detach(), mask, torch.where(mask.bool(), weights.detach(), 0.0), agg=agg, denominator=denominator
+    )
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_aggregate_half_values_are_summed_and_returned_in_float32(dtype):
+    values = torch.ones(1, 1001, dtype=dtype)
+    keep = torch.zeros(1, 1001, dtype=torch.bool)
+    keep[0, :500] = True
+    out = aggregate(values, torch.ones(1, 1001), keep)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(500 / 1001, rel=1e-6)  # 0.5 when summed in bf16
+
+
 def test_aggregate_errors():
     v, m = torch.zeros(2, 3), torch.ones(2, 3)
     with pytest.raises(TypeError, match="agg"):

@@ -163,6 +163,14 @@ def test_double_entropy_matches_oracle_and_ignores_padding():
     assert again.entropy.item() == pytest.approx(out.entropy.item(), rel=1e-12) and torch.isfinite(again.loss)
 
 
+def test_double_entropy_of_bf16_entropies_is_float32():
+    h = torch.rand(4, 300, generator=torch.Generator().manual_seed(2))
+    mask = random_mask(4, 300)
+    out = double_entropy_loss(h.bfloat16(), h.bfloat16(), mask, eta1=0.05, eta2=0.03)
+    assert out.loss.dtype == out.entropy.dtype == torch.float32
+    assert out.entropy.item() == pytest.approx(masked_mean(h.bfloat16().double(), mask), rel=1e-6)
+
+
 def test_double_entropy_with_token_entropy_gradient():
     x, y, mask = make_logits(dtype=torch.float32)
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()

@@ -123,8 +123,10 @@ def aggregate(
     batch sum over $T$, i.e. $B$ times larger).
 
     Masked-out tokens contribute exactly 0 and receive exactly zero gradient, even where ``values``
-    is NaN or infinite there (``torch.where``, not multiplication, for bool masks). An empty
-    denominator counts as 1, so an all-padding batch gives loss 0.
+    or a float weight is NaN or infinite there (``torch.where``, not multiplication). Float weights
+    are constants (detached, as the reference code detaches its token mask). bf16/fp16 ``values``
+    are aggregated and returned in float32. An empty denominator counts as 1, so an all-padding
+    batch gives loss 0.
 
     Shapes:
         - ``values``, ``response_mask``, ``token_mask``: ``[batch, seq]``
@@ -133,7 +135,8 @@ def aggregate(
     Args:
         values: Per-token loss.
         response_mask: Valid response tokens (bool or 0/1).
-        token_mask: Kept tokens (bool) or per-token weights (float); ``None`` keeps all.
+        token_mask: Kept tokens (bool) or per-token weights (float, constants: no gradient flows
+            into them); ``None`` keeps all.
         agg: Aggregation mode (the four verl/VPPO-RL modes).
         denominator: ``"valid"`` or ``"kept"`` (see above).
         num_tokens: Global token count for ``token-mean`` (a number or a 0-d tensor).
@@ -142,7 +145,7 @@ def aggregate(
             budget); ``None`` uses the padded length of this call.
 
     Returns:
-        0-d tensor in ``values``' dtype.
+        0-d tensor, float32 (float64 for float64 ``values``).
 
     Raises:
         ValueError: On a count for the wrong mode, a non-positive count given as a number, or a
@@ -173,6 +176,7 @@ def aggregate(
             raise ValueError(f"{name} must be > 0, got {count!r}")
     check_same_device(values=values, response_mask=response_mask, token_mask=token_mask)
 
+    values = values.to(result_dtype(values))
     valid = as_bool_mask(response_mask)
     zero = values.new_zeros(())
     if token_mask is None:
@@ -183,9 +187,11 @@ def aggregate(
         contrib = torch.where(keep, values, zero)
         weight = (keep if denominator == "kept" else valid).to(values.dtype)
     else:
-        w = token_mask.to(values.dtype)
+        # constant weights (detached, as the reference code detaches its token mask), 0 outside the
+        # response before the product: a NaN weight there would reach the gradient as 0 * NaN
+        w = torch.where(valid, token_mask.detach().to(values.dtype), zero)
         contrib = torch.where(valid, w * values, zero)
-        weight = torch.where(valid, w, zero) if denominator == "kept" else valid.to(values.dtype)
+        weight = w if denominator == "kept" else valid.to(values.dtype)
 
     if agg == "token-mean":
         denom = _positive_or_one(weight.sum()) if num_tokens is None else num_tokens

@@ -48,7 +48,8 @@ def grpo_advantages(
     arXiv:2402.03300) and VPPO-RL; ``scale="none"`` is Dr.GRPO (Liu et al., 2025, arXiv:2503.20783).
     Vectorised over the batch (no Python loop, no ``torch.unique``), no host sync on accelerators.
 
-    A group whose rewards are all equal gets advantage 0. A NaN reward makes its whole group NaN.
+    A group whose rewards are all equal gets advantage exactly 0 (whatever the rewards' rounding in
+    the mean). A NaN reward makes its whole group NaN.
     A group of one member has no spread to compare with: on CPU tensors it raises ``ValueError``;
     on an accelerator that check would need a host sync, so it is skipped and the group's advantage
     is NaN with ``scale="std"`` (0/0) and 0 with ``scale="none"``.
@@ -92,7 +93,10 @@ def grpo_advantages(
             f"{singles[:8]}{' ...' if len(singles) > 8 else ''}; sample G >= 2 responses per prompt"
         )
     mean = segment_sum(r, seg) / count.clamp_min(1)
-    centred = r - mean[seg]
+    # exactly 0 for a group of equal rewards: a mean summed in float32 is off by a few ulps for
+    # rewards such as 0.1 or 0.9, and dividing that by std + eps (std ~ 0) made it a large advantage
+    equal = segment_amin(r, seg) == segment_amax(r, seg)  # False for a group with a NaN reward
+    centred = torch.where(equal[seg], 0.0, r - mean[seg])
     if scale == "none":
         return centred
     var = segment_sum(centred.square(), seg) / (count - 1)

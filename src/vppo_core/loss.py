@@ -96,7 +96,8 @@ def vppo_loss(
         advantages: Per-trajectory or per-token advantages (e.g. shaped by
             [`shape_advantages`][vppo_core.shape_advantages]).
         response_mask: Valid response tokens.
-        token_mask: TGF mask (bool) or token weights (float); ``None`` keeps every token.
+        token_mask: TGF mask (bool) or token weights (float, constants: no gradient flows into
+            them); ``None`` keeps every token.
         clip_low: $\epsilon_{low}$.
         clip_high: $\epsilon_{high}$ (DAPO clip-higher).
         dual_clip: Dual-clip constant $c > 1$ or ``None``.

@@ -252,8 +252,10 @@ def topq_threshold(
 
     The statistic behind ``topq_mask(..., exact=False)``: compute it once on the whole rollout batch
     (over ranks with ``process_group``), slice it like the batch, and apply it to any micro-batch
-    with ``response_mask & (scores >= threshold[:, None])``. A row whose unit has no valid token gets
-    $+\infty$. NaN scores rank first, as in [`topq_mask`][vppo_core.selection.topq_mask]. Detached.
+    with ``response_mask & ((scores >= threshold[:, None]) | scores.isnan())``. A row whose unit has
+    no valid token gets $+\infty$. NaN scores rank first, as in
+    [`topq_mask`][vppo_core.selection.topq_mask], so the threshold itself can be NaN (when the
+    $n_u$-th largest score is); the ``| scores.isnan()`` keeps them, as ``topq_mask`` does. Detached.
 
     Shapes:
         - ``scores``, ``response_mask``: ``[batch, seq]``
