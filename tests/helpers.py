@@ -24,16 +24,14 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def assert_inputs_unchanged(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` and assert that no tensor argument was modified in place (NaN-aware, bitwise)."""
-    before_args, before_kwargs = clone_all(args), dict(zip(kwargs, clone_all(kwargs.values())))
+    """Call ``fn`` and assert that no tensor argument was modified in place (NaN-aware, bitwise),
+    including tensors inside tuples, lists and dicts (e.g. a model's per-layer hidden states)."""
+    leaves, _ = tree_flatten((args, kwargs))
+    tensors = [t for t in leaves if isinstance(t, Tensor)]
+    before = clone_all(tensors)
     out = fn(*args, **kwargs)
-    for i, (a, b) in enumerate(zip(args, before_args)):
-        if isinstance(a, Tensor):
-            assert torch.equal(_bits(a), _bits(b)), f"argument {i} was modified in place"
-    for k, b in before_kwargs.items():
-        a = kwargs[k]
-        if isinstance(a, Tensor):
-            assert torch.equal(_bits(a), _bits(b)), f"argument {k} was modified in place"
+    for i, (a, b) in enumerate(zip(tensors, before)):
+        assert torch.equal(_bits(a), _bits(b)), f"input tensor {i} (in argument order) was modified in place"
     return out
 
 

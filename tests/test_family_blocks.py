@@ -514,6 +514,30 @@ def test_visual_similarity_matches_oracle(mode, align):
         visual_similarity(states, img, layers=[3])
 
 
+@pytest.mark.parametrize("mode", ["pairwise", "prototype"])
+@pytest.mark.parametrize("align", ["predicting", "token"])
+def test_visual_similarity_nan_padding_reaches_neither_value_nor_gradient(mode, align):
+    # left padding (fully masked rows of some attention kernels give NaN states there): the value
+    # was finite, but the image mean's backward carried 0 * NaN into every image and response state
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 7, 4, generator=g, dtype=F64)
+    img = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    resp = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    clean = h.clone().requires_grad_()
+    dirty = h.clone()
+    dirty[0, 0], dirty[1, :2] = math.nan, math.inf  # read by no counted position
+    dirty.requires_grad_()
+    upstream = torch.randn(2, 7, generator=g, dtype=F64)
+    outs = []
+    for x in (clean, dirty):
+        out = visual_similarity(x, img, resp, mode=mode, align=align)
+        (out * upstream).sum().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.isfinite(dirty.grad).all()
+    torch.testing.assert_close(dirty.grad, clean.grad, rtol=0, atol=0)
+
+
 def test_visual_similarity_gradient_flows():
     h = torch.randn(2, 5, 4, dtype=F64, requires_grad=True)
     img = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)

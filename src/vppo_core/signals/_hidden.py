@@ -109,6 +109,7 @@ def visual_similarity(
     img = as_bool_mask(image_mask, "image_mask")
     n_img = img.sum(-1, keepdim=True)
     dtype = result_dtype(*states)
+    read = _positions_read(img, response_mask, align)
     total = None
     for h in states:
         if h.shape[:2] != img.shape:
@@ -116,7 +117,9 @@ def visual_similarity(
                 f"every hidden state must be [batch, seq, hidden] with [batch, seq] = {tuple(img.shape)}, "
                 f"got {tuple(h.shape)}"
             )
-        h = h.to(dtype)
+        # states nobody reads (padding) set to 0 first: a NaN there would reach every gradient through
+        # the image mean's backward (0 * NaN), while the value stayed finite
+        h = h.to(dtype) if read is None else torch.where(read.unsqueeze(-1), h.to(dtype), 0.0)
         unit = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(eps)
         source = unit if mode == "pairwise" else h
         mean_img = torch.where(img.unsqueeze(-1), source, 0.0).sum(1, keepdim=True) / n_img.clamp_min(1).unsqueeze(-1)
@@ -129,6 +132,17 @@ def visual_similarity(
     if align == "predicting":
         sim = torch.cat([sim.new_zeros(sim.shape[0], min(1, sim.shape[1])), sim[:, :-1]], dim=1)
     return _masked(sim, response_mask)
+
+
+def _positions_read(img: Tensor, response_mask: Tensor | None, align: str) -> Tensor | None:
+    """Positions whose hidden state `visual_similarity` reads: the image tokens and the states the
+    counted positions take their similarity from (``t - 1`` for ``align="predicting"``); ``None``: all."""
+    if response_mask is None:
+        return None
+    counted = as_bool_mask(response_mask)
+    if align == "predicting":
+        counted = torch.cat([counted[:, 1:], counted.new_zeros(counted.shape[0], min(1, counted.shape[1]))], 1)
+    return img | counted
 
 
 @typechecked
