@@ -289,7 +289,7 @@ def test_inside_user_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "hellinger"])
 def test_from_hidden_with_triton_tiles(divergence):
     hx = torch.randn(2, 5, 16)
     hy = hx + 0.3 * torch.randn(2, 5, 16)
@@ -305,6 +305,35 @@ def test_from_hidden_with_triton_tiles(divergence):
     grads_ref = torch.autograd.grad((ref * upstream).sum(), (hx, hy, w))
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_from_hidden_jsd_sweep_uses_the_kernels_inverse_temperature(monkeypatch):
+    # Triton passes a Python float as float32 on the GPU: the logit-free JSD's second sweep meets the
+    # kernels' lse's, so it must use that same rounded 1/T (with the exact one, the exponents were off
+    # by |x|/T 2^-24: 1.6e-5 in the JSD at logits near 1000 on a GPU; the interpreter kept float64)
+    from vppo_core.kernels import _compile, _triton
+
+    seen: list[float] = []
+    sweep = _compile.jsd_partial_or_eager()
+
+    def spy(x, y, lse_x, lse_y, inv_t):
+        seen.append(inv_t)
+        return sweep(x, y, lse_x, lse_y, inv_t)
+
+    monkeypatch.setattr(_compile, "jsd_partial_or_eager", lambda: spy)
+    g = torch.Generator().manual_seed(4)
+    off = 1000.0  # every logit offset by 1000 through a constant feature
+    hx = torch.cat([torch.randn(1, 4, 16, generator=g), torch.ones(1, 4, 1)], -1)
+    hy = torch.cat([hx[..., :16] + 0.3 * torch.randn(1, 4, 16, generator=g), torch.ones(1, 4, 1)], -1)
+    w = torch.cat([torch.randn(301, 16, generator=g), torch.full((301, 1), off)], -1)
+    hx, hy, w = on_device(hx, hy, w)
+    got = visual_dependency_from_hidden(
+        hx, hy, w, temperature=0.7, divergence="jsd", backend="triton", vocab_chunk_size=100
+    )
+    assert seen and all(v == _triton.kernel_inv_t(1 / 0.7) for v in seen), seen
+    assert _triton.kernel_inv_t(1 / 0.7) != 1 / 0.7  # the test would not tell the two apart otherwise
+    expected = oracle((hx @ w.T).cpu(), (hy @ w.T).cpu(), "jsd", 0.7)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=0, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------- GPU only

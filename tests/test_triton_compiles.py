@@ -123,3 +123,19 @@ def test_logits_are_read_with_128_bit_loads_when_the_vocabulary_is_a_multiple_of
     assert len(narrow) <= 3, f"{name}: {narrow} (only the row's upstream gradients may be scalar loads)"
     if "bwd" in name:
         assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: gradients not written 16 bytes at a time"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
+@pytest.mark.parametrize("name", ["fwd-jsd", "bwd-jsd"])
+def test_jsd_log_ratio_divides_with_correct_rounding(name):
+    """``log(2p / (p + q))`` is exactly 0 where ``p == q`` only if ``2p / 2p`` is exactly 1: Triton's ``/``
+    compiles to an approximate ``div.full.f32``, so the kernels use ``tl.div_rn`` (``div.rn.f32``)."""
+    fn, constexprs = KERNELS[name]
+    src = ASTSource(
+        fn=fn,
+        signature=signature(fn, "fp32", constexprs),
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx, re.findall(r"div\.[\w.]+", ptx)

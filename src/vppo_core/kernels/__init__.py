@@ -207,7 +207,12 @@ def _row_ops(name: str) -> tuple[_hidden.ForwardFn, _hidden.BackwardFn, _hidden.
         def bwd(g: Tensor, x: Tensor, y: Tensor, s: Tensor, temperature: float, div: str) -> tuple[Tensor, Tensor]:
             return ops.divergence_bwd(x, y, s, g, 1.0 / temperature, ops.div_code(div))
 
-        return fwd, bwd, _compile.jsd_partial_or_eager()
+        sweep = _compile.jsd_partial_or_eager()
+
+        def jsd_partial(x: Tensor, y: Tensor, lse_x: Tensor, lse_y: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
+            return sweep(x, y, lse_x, lse_y, ops.kernel_inv_t(inv_t))  # the 1/T the kernels' lse's used
+
+        return fwd, bwd, jsd_partial
     if name == "compile":
         return _compile.forward, _compile.backward, _compile.jsd_partial
     if name == "auto:compile":  # falls back to "torch", with one warning, if compiling fails

@@ -7,6 +7,7 @@ backward kernels one program per (row, block of at most 2048). Rows come from th
 strides (no copy); a vocabulary axis that is not contiguous is copied first.
 """
 
+import contextlib
 from typing import Any
 
 import torch
@@ -34,6 +35,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_inv_t(inv_t: float) -> float:
+    """``1/T`` as the kernels compute with it: rounded to float32.
+
+    Triton passes a Python ``float`` argument as float32 on the GPU, while its CPU interpreter keeps
+    it float64. Rounding here makes the interpreter compute what a GPU computes, and lets a pass
+    paired with the kernels (the logit-free JSD's second sweep, which meets the kernels' ``lse``)
+    use the same value; a float64 ``1/T`` there against the kernels' float32 one put an error of
+    ``|x|/T * 2^-24`` into every exponent (1.6e-5 in the JSD at logits near 1000).
+    """
+    return torch.tensor(inv_t, dtype=torch.float32).item()
+
+
+def _device(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """The CUDA device of ``t`` made current for a launch: Triton launches on the current device
+    (and its stream), not on the tensors' (logits on ``cuda:1`` with device 0 current would fail)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _block(vocab: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(vocab)))
 
@@ -58,22 +77,23 @@ def _pair_forward(
     stats = torch.empty((batch, seq, n_stats), dtype=torch.float64, device=x.device)
     if batch * seq == 0:
         return out, stats
-    kernel[(batch * seq,)](
-        x,
-        y,
-        out,
-        stats,
-        seq,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        inv_t,
-        BLOCK=_fwd_block(vocab),
-        num_warps=8,
-        **constexprs,
-    )
+    with _device(x):
+        kernel[(batch * seq,)](
+            x,
+            y,
+            out,
+            stats,
+            seq,
+            vocab,
+            x.stride(0),
+            x.stride(1),
+            y.stride(0),
+            y.stride(1),
+            kernel_inv_t(inv_t),
+            BLOCK=_fwd_block(vocab),
+            num_warps=8,
+            **constexprs,
+        )
     return out, stats
 
 
@@ -89,24 +109,25 @@ def _pair_backward(
     if batch * seq == 0 or vocab == 0:
         return gx, gy
     block = _bwd_block(vocab)
-    kernel[(batch * seq, triton.cdiv(vocab, block))](
-        x,
-        y,
-        stats.contiguous(),
-        grad.contiguous(),
-        gx,
-        gy,
-        seq,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        inv_t,
-        BLOCK=block,
-        num_warps=8,
-        **constexprs,
-    )
+    with _device(x):
+        kernel[(batch * seq, triton.cdiv(vocab, block))](
+            x,
+            y,
+            stats.contiguous(),
+            grad.contiguous(),
+            gx,
+            gy,
+            seq,
+            vocab,
+            x.stride(0),
+            x.stride(1),
+            y.stride(0),
+            y.stride(1),
+            kernel_inv_t(inv_t),
+            BLOCK=block,
+            num_warps=8,
+            **constexprs,
+        )
     return gx, gy
 
 
@@ -140,9 +161,19 @@ def launch_entropy_forward(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     stats = torch.empty((batch, seq, 2), dtype=torch.float64, device=x.device)
     if batch * seq == 0:
         return out, stats
-    _entropy_fwd_kernel[(batch * seq,)](
-        x, out, stats, seq, vocab, x.stride(0), x.stride(1), inv_t, BLOCK=_fwd_block(vocab), num_warps=8
-    )
+    with _device(x):
+        _entropy_fwd_kernel[(batch * seq,)](
+            x,
+            out,
+            stats,
+            seq,
+            vocab,
+            x.stride(0),
+            x.stride(1),
+            kernel_inv_t(inv_t),
+            BLOCK=_fwd_block(vocab),
+            num_warps=8,
+        )
     return out, stats
 
 
@@ -154,19 +185,20 @@ def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float
     if batch * seq == 0 or vocab == 0:
         return gx
     block = _bwd_block(vocab)
-    _entropy_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
-        x,
-        stats.contiguous(),
-        grad.contiguous(),
-        gx,
-        seq,
-        vocab,
-        x.stride(0),
-        x.stride(1),
-        inv_t,
-        BLOCK=block,
-        num_warps=8,
-    )
+    with _device(x):
+        _entropy_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
+            x,
+            stats.contiguous(),
+            grad.contiguous(),
+            gx,
+            seq,
+            vocab,
+            x.stride(0),
+            x.stride(1),
+            kernel_inv_t(inv_t),
+            BLOCK=block,
+            num_warps=8,
+        )
     return gx
 
 

@@ -159,9 +159,11 @@ def _fwd_kernel(
             y = tl.load(y_row + offs, mask=live, other=-float("inf")).to(tl.float32)
             p = tl.exp((x - k_x) * inv_t - r_x)
             q = tl.exp((y - k_y) * inv_t - r_y)
-            pq = p + q  # log(p/m) = log(2p / (p + q)): exactly 0 where p == q
-            a_x += tl.sum(tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0), 0)
-            a_y += tl.sum(tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0), 0)
+            # log(p/m) = log(2p / (p + q)): exactly 0 where p == q, with a correctly rounded division
+            # (div_rn; "/" compiles to an approximate one on the GPU, where 2p / 2p can miss 1)
+            pq = p + q
+            a_x += tl.sum(tl.where(p > 0, p * tl.log(tl.div_rn(2.0 * p, pq)), 0.0), 0)
+            a_y += tl.sum(tl.where(q > 0, q * tl.log(tl.div_rn(2.0 * q, pq)), 0.0), 0)
         a_x = a_x.to(tl.float64)
         a_y = a_y.to(tl.float64)
         value = 0.5 * (a_x + a_y)
@@ -215,8 +217,8 @@ def _bwd_kernel(
         gy = 0.5 * g * (bc * q - root)
     elif DIV == 1:
         pq = p + q
-        gx = 0.5 * g * (tl.where(p > 0, p * tl.log(2.0 * p / pq), 0.0) - p * a_x.to(tl.float32))
-        gy = 0.5 * g * (tl.where(q > 0, q * tl.log(2.0 * q / pq), 0.0) - q * a_y.to(tl.float32))
+        gx = 0.5 * g * (tl.where(p > 0, p * tl.log(tl.div_rn(2.0 * p, pq)), 0.0) - p * a_x.to(tl.float32))
+        gy = 0.5 * g * (tl.where(q > 0, q * tl.log(tl.div_rn(2.0 * q, pq)), 0.0) - q * a_y.to(tl.float32))
     else:
         # (x - y)/T - a_x as log(p/q) - KL, with the KL from float64 (see _torch.chunk_grads)
         log_ratio = _log_ratio(x, y, lse_x, lse_y, inv_t)
