@@ -9,7 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vppo_core as V
+from vppo_core.analysis import DependencyAccumulator
 from vppo_core.distributed import loss_denominators
+from vppo_core.factors import minmax_normalise
 
 from .helpers import gloo_group
 
@@ -113,6 +115,84 @@ def test_ranks_match_single_process(world, tmp_path):
         assert not global_batch()[0][splits(3)[1]].any()
     assert (full["factors"] != 1).any() and (full["factors_grouped"] != 1).any()
     assert not torch.allclose(full["factors_micro"], full["factors"])  # the micro-batch mean changes them
+
+
+NAN_SPLIT = [slice(0, 3), slice(3, 6)]
+
+
+def nan_batch(holder: int):
+    """A global batch of 6 with NaN at a valid entry of rank ``holder``'s rows (ranks split 3 + 3).
+
+    Both ranks also hold a NaN where it is never read (an invalid response, a padded token).
+    """
+    other = NAN_SPLIT[1 - holder].start
+    at = NAN_SPLIT[holder].start + 1
+    values = torch.tensor([2.0, 3.0, 0.5, 1.0, 4.0, 2.5], dtype=torch.float64)
+    valid = torch.ones(6, dtype=torch.bool)
+    values[at], values[other], valid[other] = float("nan"), float("nan"), False
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[:, 3] = False
+    dep = torch.linspace(0.1, 2.0, 24, dtype=torch.float64).reshape(6, 4)
+    dep[at, 1], dep[other, 3] = float("nan"), float("nan")
+    # +inf and -inf in one trajectory: its mean is NaN though no token is
+    inf_dep = dep.nan_to_num(0.5)
+    inf_dep[at, 0], inf_dep[at, 1] = float("inf"), float("-inf")
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])  # rank 0's NaN row is in group 0, rank 1's in group 2
+    return values, valid, dep, mask, inf_dep, groups
+
+
+def nan_compute(values, valid, dep, mask, inf_dep, groups, *, group=None, micro_ids=None):
+    micro_ids = torch.arange(values.shape[0]) // 2 if micro_ids is None else micro_ids
+    acc = DependencyAccumulator()
+    acc.update(inf_dep, mask)
+    traj = acc.summary(process_group=group)
+    return {
+        "minmax": minmax_normalise(values, valid, process_group=group),
+        "minmax_groups": minmax_normalise(values, valid, group_ids=groups, process_group=group),
+        "factors": V.advantage_factors(dep, mask, process_group=group),
+        "factors_beta_max": V.advantage_factors(dep, mask, beta_min=0.8, beta_max=1.2, process_group=group),
+        "factors_micro": V.advantage_factors(dep, mask, micro_batch_ids=micro_ids, process_group=group),
+        "factors_grouped": V.advantage_factors(dep, mask, group_ids=groups, process_group=group),
+        "shaped": V.shape_advantages(values.nan_to_num(1.0), dep, mask, beta_max=1.5, process_group=group),
+        "traj_min_max": torch.tensor([traj["dependency/trajectory/min"], traj["dependency/trajectory/max"]]),
+    }
+
+
+def _nan_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    with gloo_group(rank, world, init_file):
+        out = {}
+        for holder in range(world):
+            shard = [t[NAN_SPLIT[rank]] for t in nan_batch(holder)]
+            out[holder] = nan_compute(*shard, group="world")
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_nan_on_any_rank_gives_the_single_process_result(tmp_path):
+    """ReduceOp.MIN/MAX may drop a NaN depending on the rank holding it: every rank must still get NaN."""
+    mp.spawn(_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    micro_ids = torch.cat([r * 100 + torch.arange(3) // 2 for r in range(2)])
+    wrong = []
+    for holder in range(2):
+        full = nan_compute(*nan_batch(holder), micro_ids=micro_ids)
+        for name, expected in full.items():
+            if name == "traj_min_max":  # the summary is every rank's
+                got_all = [r[holder][name] for r in per_rank]
+            else:
+                got_all = [torch.cat([r[holder][name] for r in per_rank])]
+            for got in got_all:
+                if not torch.allclose(got, expected, rtol=0, atol=1e-12, equal_nan=True):
+                    wrong.append(f"NaN on rank {holder}, {name}: {got.tolist()} != {expected.tolist()}")
+        # one process: NaN for every valid row of the affected batch (or group), and only there
+        valid = nan_batch(holder)[1]
+        assert full["minmax"][valid].isnan().all() and (full["minmax"][~valid] == 0).all()
+        nan_group = full["minmax_groups"].isnan()
+        assert nan_group.any() and not nan_group.all()
+        for name in ("factors", "factors_beta_max", "factors_micro", "shaped", "traj_min_max"):
+            assert full[name].isnan().all(), name
+        assert full["factors_grouped"].isnan().sum() == 2
+    assert not wrong, "\n".join(wrong)
 
 
 def test_loss_denominators_single_process():

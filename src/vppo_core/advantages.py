@@ -17,7 +17,7 @@ from ._checks import (
     typechecked,
 )
 from ._segments import broadcast, dense_ids, segment_amax, segment_amin, segment_sum
-from .distributed import ProcessGroupLike, all_gather_rows, all_reduce, resolve_group
+from .distributed import ProcessGroupLike, all_gather_rows, all_reduce, all_reduce_min_max, resolve_group
 
 __all__ = ["advantage_factors", "grpo_advantages", "shape_advantages", "trajectory_dependency"]
 
@@ -283,8 +283,9 @@ def _tas_factors(
     """
     b = score.shape[0]
     n_valid = all_reduce(segment_sum(valid.to(score.dtype), seg), dist.ReduceOp.SUM, group)
-    lo = all_reduce(segment_amin(torch.where(valid, score, float("inf")), seg), dist.ReduceOp.MIN, group)
-    hi = all_reduce(segment_amax(torch.where(valid, score, float("-inf")), seg), dist.ReduceOp.MAX, group)
+    lo = segment_amin(torch.where(valid, score, float("inf")), seg)
+    hi = segment_amax(torch.where(valid, score, float("-inf")), seg)
+    lo, hi = all_reduce_min_max(lo, hi, group)  # NaN on any rank stays NaN, as in one process
     span = hi - lo
     # `not (span <= eps)` rather than `span > eps`: a NaN range must stay active and give NaN factors.
     active = (n_valid >= 2) & ~(span <= TAS_MIN_RANGE)

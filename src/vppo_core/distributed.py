@@ -48,6 +48,28 @@ def all_reduce(t: Tensor, op: "dist.ReduceOp.RedOpType", group: dist.ProcessGrou
     return out
 
 
+def all_reduce_min_max(lo: Tensor, hi: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    """Elementwise minimum of ``lo`` and maximum of ``hi`` over the ranks, NaN propagating.
+
+    ``ReduceOp.MIN``/``MAX`` (gloo, NCCL) may drop a NaN, depending on which rank holds it, so a
+    0/1 flag "this rank's entry is NaN" is reduced alongside and flagged entries are set to NaN:
+    every rank gets what ``amin``/``amax`` give on the concatenated batch. One ``MAX`` collective
+    (the minimum as the maximum of ``-lo``; negation is exact), no host sync. The arguments are
+    left untouched; identity without a group.
+    """
+    if group is None:
+        return lo, hi
+    assert lo.dtype == hi.dtype and lo.is_floating_point(), (lo.dtype, hi.dtype)
+    n, m = lo.numel(), hi.numel()
+    flat_lo, flat_hi = lo.reshape(-1), hi.reshape(-1)
+    packed = torch.cat([-flat_lo, flat_hi, flat_lo.isnan().to(lo.dtype), flat_hi.isnan().to(hi.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    neg_lo, hi_out, lo_nan, hi_nan = packed.split([n, m, n, m])
+    lo_out = torch.where(lo_nan > 0, float("nan"), -neg_lo)
+    hi_out = torch.where(hi_nan > 0, float("nan"), hi_out)
+    return lo_out.reshape(lo.shape), hi_out.reshape(hi.shape)
+
+
 def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
     """Concatenate every rank's ``t`` along dim 0 (shards may differ in size).
 

@@ -30,7 +30,7 @@ from ._checks import (
 )
 from ._robust import MedianMAD, median_mad, median_mad_factors
 from ._segments import broadcast, dense_ids, segment_amax, segment_amin, segment_sum
-from .distributed import ProcessGroupLike, all_gather_rows, all_reduce, resolve_group
+from .distributed import ProcessGroupLike, all_gather_rows, all_reduce_min_max, resolve_group
 from .transforms import MINMAX_EPS, response_mean
 
 __all__ = [
@@ -157,8 +157,9 @@ def minmax_normalise(
 
 def _minmax(v: Tensor, ok: Tensor, seg: Tensor | None, eps: float, group: "dist.ProcessGroup | None") -> Tensor:
     n = v.shape[0]
-    lo = all_reduce(segment_amin(torch.where(ok, v, float("inf")), seg), dist.ReduceOp.MIN, group)
-    hi = all_reduce(segment_amax(torch.where(ok, v, float("-inf")), seg), dist.ReduceOp.MAX, group)
+    lo = segment_amin(torch.where(ok, v, float("inf")), seg)
+    hi = segment_amax(torch.where(ok, v, float("-inf")), seg)
+    lo, hi = all_reduce_min_max(lo, hi, group)  # NaN on any rank stays NaN, as in one process
     lo_b, hi_b = broadcast(lo, seg, n), broadcast(hi, seg, n)
     return torch.where(ok, (v - lo_b) / (hi_b - lo_b + eps), 0.0)
 

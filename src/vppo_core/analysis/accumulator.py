@@ -17,7 +17,7 @@ from jaxtyping import Float, Integer, Shaped
 from torch import Tensor
 
 from .._checks import as_bool_mask, check_fraction, check_same_device, result_dtype, typechecked
-from ..distributed import ProcessGroupLike, resolve_group
+from ..distributed import ProcessGroupLike, all_reduce_min_max, resolve_group
 from ._groups import group_spread
 from ._histogram import check_edges, histogram_counts, histogram_edges, histogram_quantile
 from ._stats import gini, levels, top_share
@@ -101,6 +101,13 @@ def _combine_moments(
     mean = torch.where(n_b == 0, mean_a, torch.where(n_a == 0, mean_b, mean_a + delta * w))
     m2 = torch.where(either_empty, m2_a + m2_b, m2_a + m2_b + delta.square() * n_a * w)
     return mean, m2
+
+
+def _unflatten(state: dict[str, Tensor], names: Sequence[str], flat: Tensor) -> None:
+    """Store the consecutive pieces of ``flat`` as ``state[name]``, each in its old shape."""
+    sizes = [state[n].numel() for n in names]
+    for n, piece in zip(names, flat.split(sizes)):
+        state[n] = piece.reshape(state[n].shape)
 
 
 @dataclass(eq=False)
@@ -370,9 +377,9 @@ class DependencyAccumulator:
         """A copy whose state is combined over the ranks of ``process_group``.
 
         One ``all_gather`` of each rank's counts, means and squared deviations (combined in rank
-        order, so every rank gets the same result) and four ``all_reduce`` calls (int64 sums,
-        float64 sums, minima, maxima); every rank must call it. A NaN counted on any rank makes the
-        minima and maxima NaN (``all_reduce`` with ``MIN``/``MAX`` may drop a NaN). ``self`` is
+        order, so every rank gets the same result) and three ``all_reduce`` calls (int64 sums,
+        float64 sums, minima and maxima); every rank must call it. A NaN minimum or maximum on any
+        rank stays NaN, as `merge` gives (``all_reduce`` with ``MIN``/``MAX`` may drop a NaN). ``self`` is
         left unchanged, so reducing twice never double-counts. ``None``: a plain copy.
 
         Raises:
@@ -393,21 +400,15 @@ class DependencyAccumulator:
                 mean, m2 = _combine_moments(n, mean, m2, part[at], part[at + 1], part[at + 2])
                 n = n + part[at]
             st[f"{kind}_mean"], st[f"{kind}_m2"] = mean, m2
-        for names, op in (
-            (_INT_SUMS, dist.ReduceOp.SUM),
-            (_FLOAT_SUMS, dist.ReduceOp.SUM),
-            (_MINS, dist.ReduceOp.MIN),
-            (_MAXS, dist.ReduceOp.MAX),
-        ):
+        for names in (_INT_SUMS, _FLOAT_SUMS):
             flat = torch.cat([st[n].reshape(-1) for n in names])
-            dist.all_reduce(flat, op=op, group=group)
-            offset = 0
-            for n in names:
-                size = st[n].numel()
-                st[n] = flat[offset : offset + size].reshape(st[n].shape)
-                offset += size
-        for name in _MINS + _MAXS:
-            st[name] = torch.where(st["token_nan"] > 0, float("nan"), st[name])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            _unflatten(st, names, flat)
+        lows, highs = all_reduce_min_max(
+            torch.cat([st[n].reshape(-1) for n in _MINS]), torch.cat([st[n].reshape(-1) for n in _MAXS]), group
+        )
+        _unflatten(st, _MINS, lows)
+        _unflatten(st, _MAXS, highs)
         return out
 
     # ------------------------------------------------------------------ report
