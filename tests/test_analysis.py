@@ -468,3 +468,10 @@ def test_docstring_examples_run():
     for module in (_stats, _histogram):
         result = doctest.testmod(module, raise_on_error=False)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_histogram_edges_refuse_a_range_too_narrow_for_distinct_bins():
+    # linspace over a few ulps repeats values: the promise of bins + 1 increasing edges would break
+    with pytest.raises(ValueError, match=r"low=1.0 and high=1.0000000000000004 are too close for 8 distinct"):
+        histogram_edges(1.0, 1.0 + 4e-16, 8)
+    assert histogram_edges(1.0, 1.0 + 4e-16, 1).tolist() == [1.0, 1.0 + 4e-16]

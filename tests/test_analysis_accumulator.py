@@ -141,12 +141,13 @@ def test_histograms_are_exact_and_quantiles_within_a_bin():
     t_edges, t_counts = acc.trajectory_histogram
     assert torch.equal(t_counts, histogram_counts(means, rows, t_edges))
     s = acc.summary(prefix="")
-    values, traj = dep[mask], means[rows & (means > 0)]
+    values, traj = dep[mask], means[rows]  # every counted trajectory, a mean of 0 included
     for q in (0.1, 0.5, 0.9, 0.99):
         # the default edges are log-spaced, 10 per decade: within about one bin means within ~0.1 decade
         exact = torch.quantile(values, q).item()
         assert abs(math.log10(s[f"token/p{100 * q:g}"] / exact)) <= 0.1 + 1e-9
         exact = torch.quantile(traj, q).item()
+        assert exact > 0  # (a level at 0 would sit in the underflow count)
         assert abs(math.log10(s[f"trajectory/p{100 * q:g}"] / exact)) <= 0.1 + 1e-9
 
 
@@ -467,3 +468,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         dep5, mask5 = offset_batch()
         assert out["offset"]["dependency/token/std"] == pytest.approx(statistics.stdev(dep5[mask5].tolist()), rel=1e-9)
         assert out["offset"]["dependency/token/mean"] == pytest.approx(statistics.mean(dep5[mask5].tolist()), rel=1e-15)
+
+
+def test_streamed_infinite_values_give_the_one_batch_mean():
+    # equal infinite means of two parts: inf - inf made the combined mean NaN (with no NaN counted)
+    dep = torch.tensor([[1.0, math.inf], [2.0, math.inf]])
+    mask = torch.ones(2, 2)
+    one = make()
+    one.update(dep, mask)
+    streamed = make()
+    streamed.update(dep[:1], mask[:1])
+    streamed.update(dep[1:], mask[1:])
+    a, b = one.summary(prefix=""), streamed.summary(prefix="")
+    for key in ("token/mean", "trajectory/mean", "token/nan_count"):
+        assert a[key] == b[key], (key, a[key], b[key])
+    assert a["token/mean"] == math.inf and a["token/nan_count"] == 0

@@ -171,3 +171,25 @@ def test_docs_page_examples_run(tmp_path, monkeypatch):
     for name in ("token_dependency.png", "trajectory_dependency.png", "strip.png", "dependency.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert namespace["stats"]["dependency/token/count"] > 0
+
+
+@pytest.mark.parametrize(
+    ("values", "xscale"),
+    [
+        ([[-1 + 1e-15, -1.0, -1.0], [-1.0, -1.0, -1.0]], "linear"),  # negative, a few ulps apart (k1)
+        ([[1e20, 1e20, 1e20]], "linear"),  # constant and large: low + 1 would equal low
+        ([[1e308, 1e308], [1e308, 1e308]], "log"),  # widening the last edge must not overflow to inf
+        ([[0.5, 0.5 * (1 + 1e-15)]], "log"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's own, near 1e308
+def test_distribution_of_near_constant_values_plots(tmp_path, values, xscale):
+    dep = torch.tensor(values, dtype=torch.float64)
+    mask = torch.ones(dep.shape, dtype=torch.bool)
+    plots = (plot_token_distribution, plot_trajectory_distribution)
+    if values[0][0] == 1e308:  # (a trajectory mean of these overflows to inf: no finite value to plot)
+        plots = plots[:1]
+    for plot in plots:
+        out = tmp_path / f"{plot.__name__}.png"
+        fig = plot(dep, mask, xscale=xscale, path=out, dpi=30)
+        assert_png(out, fig, 30)

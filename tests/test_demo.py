@@ -101,6 +101,17 @@ def test_config_checks_every_field():
             Config(**{name: value})
 
 
+def test_a_seed_whose_held_out_set_is_a_training_batch_is_refused():
+    from vppo_core.demo.train import Config, ConfigError
+
+    # held-out stream 10_000 + seed: 990_000 is warm-start step 0's batch, 1_990_001 RL step 1's
+    for seed in (990_000, 990_249, 1_990_001, -1_010_000):
+        with pytest.raises(ConfigError, match=rf"^seed must be a seed whose held-out stream .*, got {seed}$"):
+            Config(seed=seed)
+    Config(seed=990_250)  # past the 250 warm-start steps
+    Config(seed=990_000, sft_steps=0)  # no warm start: no collision
+
+
 def test_seed_help_says_what_it_controls():
     from vppo_core.demo import _parser
 

@@ -43,8 +43,8 @@ def histogram_edges(
         Float64 edges.
 
     Raises:
-        ValueError: If ``low``/``high`` are not finite, ``high <= low``, ``bins < 1``, or ``log``
-            with ``low <= 0``.
+        ValueError: If ``low``/``high`` are not finite, ``high <= low``, ``bins < 1``, ``log``
+            with ``low <= 0``, or a range too narrow for ``bins`` distinct float64 edges.
 
     Example:
         >>> from vppo_core.analysis import histogram_edges
@@ -60,11 +60,16 @@ def histogram_edges(
     if log and not low > 0:
         raise ValueError(f"log-spaced edges need low > 0, got low={low!r}; values below low go to the underflow count")
     if log:
-        edges = torch.logspace(math.log10(low), math.log10(high), bins + 1, dtype=torch.float64, device=device)
+        edges = torch.logspace(math.log10(low), math.log10(high), bins + 1, dtype=torch.float64)
     else:
-        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64, device=device)
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
     edges[0], edges[-1] = low, high
-    return edges
+    if not bool((edges[1:] > edges[:-1]).all()) or not bool(edges.isfinite().all()):
+        raise ValueError(
+            f"low={low!r} and high={high!r} are too close for {bins} distinct float64 bins"
+            f"{' on a log scale' if log else ''}; widen the range or use fewer bins"
+        )
+    return edges.to(device) if device is not None else edges
 
 
 def check_edges(edges: Tensor, name: str = "edges") -> None:

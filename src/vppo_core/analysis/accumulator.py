@@ -96,7 +96,7 @@ def _combine_moments(
     """
     n = n_a + n_b
     w = n_b / n.clamp_min(1)
-    delta = mean_b - mean_a
+    delta = torch.where(mean_a == mean_b, 0.0, mean_b - mean_a)  # equal infinite means: 0, not inf - inf
     either_empty = (n_a == 0) | (n_b == 0)
     mean = torch.where(n_b == 0, mean_a, torch.where(n_a == 0, mean_b, mean_a + delta * w))
     m2 = torch.where(either_empty, m2_a + m2_b, m2_a + m2_b + delta.square() * n_a * w)

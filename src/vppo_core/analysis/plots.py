@@ -6,6 +6,8 @@ Each function returns the ``Figure`` (which a notebook displays) and, given ``pa
 exactly ``figsize * dpi`` pixels. Plotting reads the data on the host (it syncs, like any plot).
 """
 
+import math
+import sys
 from typing import Any, Literal
 
 import torch
@@ -39,12 +41,21 @@ def _auto_edges(values: Tensor, bins: int | Tensor, xscale: str, name: str) -> T
         if finite.numel() == 0:
             raise ValueError(f"xscale='log' needs positive {name} values, got none; use xscale='linear'")
         low, high = float(finite.min()), float(finite.max())
-        high = high * 10 if high <= low else high * (1 + 1e-9)
+        # a range too narrow for distinct log bins (constant data) spans a decade; never past the
+        # largest float (values near it would overflow the widened end to inf)
+        high = high * 10 if not high > low * (1 + 1e-6) else high * (1 + 1e-9)
+        high = min(high, sys.float_info.max)
+        low = low / 10 if not high > low * (1 + 1e-6) else low
         return histogram_edges(low, high, bins, log=True)
     if finite.numel() == 0:
         return histogram_edges(0.0, 1.0, bins)
     low, high = min(float(finite.min()), 0.0), float(finite.max())
-    high = low + 1.0 if high <= low else high + (high - low) * 1e-9  # keep the maximum inside the last bin
+    # keep the maximum inside the last bin; a range of a few ulps (constant or near-constant data)
+    # is widened to at least 1 (or 1e-6 of the values' size)
+    if high - low > 64 * bins * math.ulp(max(abs(low), abs(high))):
+        high = high + (high - low) * 1e-9
+    else:
+        high = low + max(1.0, abs(low) * 1e-6)
     return histogram_edges(low, high, bins)
 
 

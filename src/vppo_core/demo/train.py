@@ -114,6 +114,24 @@ class Config:
             value = getattr(self, name)
             if not ok(value):
                 raise ConfigError(name, expected, value)
+        if not _held_out_is_disjoint(self):
+            raise ConfigError(
+                "seed",
+                f"a seed whose held-out stream ({EVAL_STREAM} + seed) is none of the training streams "
+                f"({SFT_STREAM} + warm-start step, {RL_STREAM} + RL step)",
+                self.seed,
+            )
+
+
+# The integer seeds of the demo's example streams (random.Random seeds by absolute value).
+EVAL_STREAM, SFT_STREAM, RL_STREAM = 10_000, 1_000_000, 2_000_000
+
+
+def _held_out_is_disjoint(cfg: "Config") -> bool:
+    """The held-out examples are drawn from a stream no training batch uses (for most seeds; a seed
+    near 990 000 or 1 990 000 would make the held-out set a warm-start or RL batch)."""
+    key = abs(EVAL_STREAM + cfg.seed)
+    return not (SFT_STREAM <= key < SFT_STREAM + cfg.sft_steps or RL_STREAM <= key < RL_STREAM + cfg.steps)
 
 
 @dataclass
@@ -164,7 +182,7 @@ class Session:
         self.model.to(self.device)
         self.layout = PixelLayout.from_processor(self.processor)
         self.eos = self.tokenizer.eos_token_id
-        self.eval_set = self.examples(cfg.eval_size, seed=10_000 + cfg.seed)
+        self.eval_set = self.examples(cfg.eval_size, seed=EVAL_STREAM + cfg.seed)
 
     def examples(self, n: int, seed: int) -> list[Example]:
         rng = random.Random(seed)
@@ -213,7 +231,7 @@ class Session:
         losses = []
         self.model.train()
         for step in range(cfg.sft_steps):
-            batch = self.examples(cfg.sft_batch, seed=1_000_000 + step)
+            batch = self.examples(cfg.sft_batch, seed=SFT_STREAM + step)
             prompts = self.encode(batch)
             inputs = self.encode(batch, [ex.response for ex in batch])
             mask = _response_mask(inputs["attention_mask"], prompts["attention_mask"].sum(-1))
@@ -251,7 +269,7 @@ def rl_run(
     result = RunResult(method)
     for step in range(1, cfg.steps + 1):
         # --- rollouts: P prompts x G samples from the current (= old) policy
-        batch = session.examples(cfg.prompts, seed=2_000_000 + step)
+        batch = session.examples(cfg.prompts, seed=RL_STREAM + step)
         repeated = [ex for ex in batch for _ in range(cfg.group)]
         prompt_inputs = session.encode(repeated)
         model.eval()
