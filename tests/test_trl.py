@@ -281,3 +281,61 @@ def _trainer_with(tmp_path, config, vppo):
         args=args,
         **vppo,
     )
+
+
+def _one_step_log(trainer):
+    trainer.train()
+    (row,) = [row for row in trainer.state.log_history if "vppo/dependency_mean" in row]
+    return row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dependency", ["kl", "sampled"])
+def test_dependency_passes_run_without_dropout(tmp_path, dependency):
+    """With identical views the dependency is exactly 0 however much dropout the model has: both passes
+    run in eval mode (they drew different dropout masks, and the noise moved the TAS factors to 0.9-1.1)."""
+    identity = lambda pixel_values, grid, generator: pixel_values.clone()  # noqa: E731
+    trainer = _example().make_trainer(str(tmp_path), steps=1, accumulation=1, perturb=identity, dependency=dependency)
+    for module in trainer.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.3
+    row = _one_step_log(trainer)
+    assert row["vppo/dependency_mean"] == 0.0
+    assert row["vppo/tas_factor_min"] == row["vppo/tas_factor_max"] == 1.0
+    assert trainer.model.training  # each module's mode restored after the passes
+
+
+@pytest.mark.slow
+def test_exact_dependency_with_trl_fp32_lm_head(tmp_path):
+    """TRL's ``cast_lm_head_to_fp32`` on a bf16 model: bf16 hidden states meet an fp32 head (it raised)."""
+    from trl import GRPOConfig
+
+    from vppo_core.integrations.tiny_vlm import SPECIAL_TOKENS, tiny_processor, tiny_qwen_vl
+
+    example = _example()
+    processor = tiny_processor("qwen2_vl", words=example.WORDS)
+    suppress = processor.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS[3:7]))
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        generation_kwargs={"suppress_tokens": suppress},
+        **example.no_activation_checkpointing(),
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        cast_lm_head_to_fp32=True,
+    )
+    trainer = VPPOTrainer(
+        model=tiny_qwen_vl("qwen2_vl", processor.tokenizer, dtype=torch.bfloat16),
+        processing_class=processor,
+        reward_funcs=example.colour_reward,
+        train_dataset=example.tiny_dataset(1),
+        args=args,
+    )
+    row = _one_step_log(trainer)
+    assert math.isfinite(row["vppo/dependency_mean"]) and row["vppo/dependency_mean"] >= 0

@@ -320,8 +320,14 @@ def token_dependency(
         logprobs_pert = _logprobs(hidden_pert, head, sel.targets, temperature, chunk_size)
         hx = hidden_img.detach()
         if getattr(head, "bias", None) is None:
+            weight = head.weight.detach()
+            # in the head's dtype, as the head computes (TRL's cast_lm_head_to_fp32: bf16 states, fp32 head)
             dependency = visual_dependency_from_hidden(
-                hx, hidden_pert, head.weight.detach(), temperature=temperature, chunk_size=chunk_size
+                hx.to(weight.dtype),
+                hidden_pert.to(weight.dtype),
+                weight,
+                temperature=temperature,
+                chunk_size=chunk_size,
             )
         else:  # a biased head: project chunk by chunk, then the logit-level KL
             dependency = torch.cat(

@@ -24,9 +24,11 @@ gradient accumulation, logging, vLLM or ``generate``) and changes two stages:
 2. **Per micro-batch** (TRL's ``_compute_loss``): the current log-probabilities from TRL's own
    forward pass, then [`vppo_loss`][vppo_core.vppo_loss] with the TGF mask and
    ``num_tokens`` = the global count times ``gradient_accumulation_steps / steps_per_generation``,
-   which is TRL's ``loss_type="dapo"`` normalisation: the micro-batch losses of one optimizer step
-   add up to VPPO's token mean over all valid tokens of the step (kept or not), on one process or
-   many.
+   which is TRL's ``loss_type="dapo"`` normalisation: with one optimizer step per generation batch
+   (``steps_per_generation == gradient_accumulation_steps``, TRL's default) the micro-batch losses of
+   the step add up to VPPO's token mean over all valid tokens of the step (kept or not), on one
+   process or many; with more steps per generation batch each step divides by the batch's average
+   count per step, as TRL's ``"dapo"`` does.
 
 The dependency is computed with the rollout (old) policy once per generation batch, as in the paper
 and the VPPO-RL code, not per micro-batch with the current policy.
@@ -63,6 +65,7 @@ Requires the ``trl`` extra (``trl``, with ``transformers``). Without TRL this mo
 and constructing `VPPOTrainer` raises ``ImportError``.
 """
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -107,6 +110,18 @@ _VISION_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (no dropout) inside, each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _loss_mask(batch: dict[str, Any]) -> Tensor:
@@ -178,7 +193,8 @@ class VPPOTrainer(GRPOTrainer):
 
     with $\hat A_i$ TRL's group-normalised advantage, $\alpha_i$ the TAS factor, $m_{it}$ the TGF
     mask, $\ell$ the clipped surrogate (TRL's ``epsilon`` / ``epsilon_high``, dual clip
-    ``dual_clip``) and $N$ the valid tokens of the global batch. See the module notes for where
+    ``dual_clip``) and $N$ the valid tokens of the global generation batch per optimizer step (see the
+    module notes when ``steps_per_generation != gradient_accumulation_steps``). See the module notes for where
     each piece is computed and which TRL internals it uses.
 
     Logged (``trainer.state.log_history``; global over processes): ``vppo/kept_frac``,
@@ -318,11 +334,21 @@ class VPPOTrainer(GRPOTrainer):
         return batch
 
     def _token_dependency(self, batch: dict[str, Any], perturbed: Tensor, mask: Tensor) -> Tensor:
-        """$S_t$ of every completion token, ``[batch, completion]``, with the current (= rollout) weights."""
+        """$S_t$ of every completion token, ``[batch, completion]``, with the current (= rollout) weights.
+
+        Both views' passes run with dropout off (every module in eval mode, restored afterwards): with
+        dropout (e.g. a LoRA adapter's) the two passes would draw different masks, and that noise would
+        count as visual dependency in TAS and TGF.
+        """
         mode = "train" if self.model.training else "eval"
         size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with _eval_mode(self.model):
+            return self._token_dependency_eval(batch, perturbed, mask, size)
+
+    def _token_dependency_eval(self, batch: dict[str, Any], perturbed: Tensor, mask: Tensor, size: int) -> Tensor:
         if self.vppo_dependency == "sampled":
-            real = batch.get("old_per_token_logps")  # TRL's rollout-policy pass, when it made one
+            # TRL's rollout-policy pass, when it made one without dropout (else it drew dropout masks)
+            real = batch.get("old_per_token_logps") if getattr(self.args, "disable_dropout", False) else None
             if real is None:
                 real = self._logprobs(batch, batch["pixel_values"], size)
             return sampled_visual_dependency(real, self._logprobs(batch, perturbed, size), mask)
