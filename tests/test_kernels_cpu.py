@@ -93,6 +93,19 @@ def test_same_as_the_compile_backend_on_special_rows(build):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize(("temperature", "low"), [(1e-3, -1.0), (1.0, -1000.0)])
+def test_kl_stays_infinite_when_the_minus_inf_sits_in_a_block_of_underflowed_weight(build, temperature, low):
+    # the second block's weight against the row maximum underflows to 0 in float64; its d is +inf
+    # (a finite x_j against y_j = -inf) and was dropped with the weight: a finite KL instead of +inf
+    x = torch.zeros(1, 4196)
+    x[:, 2048:] = low
+    y = torch.zeros(1, 4196)
+    y[:, 3000] = -math.inf
+    assert visual_dependency(x, y, temperature=temperature, backend="torch").item() == math.inf
+    assert visual_dependency(x, y, temperature=temperature, backend="cpu").item() == math.inf
+    assert visual_dependency_and_entropies(x, y, temperature=temperature, backend="cpu")[0].item() == math.inf
+
+
 def test_entropy(build):
     for dtype in (torch.float32, torch.bfloat16):
         E.check("cpu", E.logits((3, 7, 5000), dtype), temperature=0.7)

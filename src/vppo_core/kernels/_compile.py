@@ -167,6 +167,8 @@ def _canonical(t: Tensor) -> Tensor:
     """
     rows, vocab = t.shape
     if rows <= 1:
+        if t.stride(1) != 1 and vocab > 1:  # a strided vocabulary: copied (as_strided would read past it)
+            return t.contiguous()
         return t if t.stride() == (vocab, 1) else t.as_strided((rows, vocab), (vocab, 1))
     if (t.stride(1) != 1 and vocab > 1) or t.stride(0) < vocab:
         return t.contiguous()

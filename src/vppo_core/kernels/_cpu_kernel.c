@@ -351,7 +351,9 @@ static void *run_rows(void *arg) {
              * proportional to a common offset of the inputs enters; the shift m_x - m_y is added back here,
              * in float64, against the same float64 weights as S_x (so D / S_x keeps it exactly) */
             double shift = (mx == -INFINITY ? 0.0 : (double)mx) - (my == -INFINITY ? 0.0 : (double)my);
-            d = wxo * d + (wxb > 0 ? wxb * ((double)s.d + shift * (double)s.sx) : 0.0);
+            /* a block whose weight underflowed adds nothing, except a non-finite d: +inf (a finite x_j
+             * against y_j = -inf) or NaN (0 * inf) must still reach the row, which `kl_sum` reads as +inf */
+            d = wxo * d + (wxb > 0 ? wxb * ((double)s.d + shift * (double)s.sx) : (isfinite(s.d) ? 0.0 : (double)s.d));
             if (j->mode != MODE_ENTROPY) merge_side(&sy, my, s.sy, s.hy, j->c, &wyo, &wyb);
             if (j->mode == MODE_HELLINGER) {
                 /* B is kept at the shift (M_x + M_y) / 2: each part moves by half of each maximum's move */

@@ -31,6 +31,8 @@ def row_views(*ts: Tensor) -> list[tuple[Tensor, ...]]:
     The views are detached last, which drops their ``_base``: Dynamo would otherwise guard on the
     base tensor's sizes and strides and recompile for each new layout of the caller's tensor.
     """
+    if ts[0].shape[0] == 0:  # no batch: one empty view (a per-batch list would be empty)
+        return [tuple(t.reshape(0, t.shape[-1]).detach() for t in ts)]
     if all(_rows_flatten(t) for t in ts):
         return [tuple(t.view(-1, t.shape[-1]).detach() for t in ts)]
     return [tuple(t[b].detach() for t in ts) for b in range(ts[0].shape[0])]
