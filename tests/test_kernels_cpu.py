@@ -8,6 +8,8 @@ builds again; nothing of this backend needs ``torch.compile``.
 """
 
 import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -385,7 +387,7 @@ def rebuild(monkeypatch):
 
     def forget():
         _cpu.library.cache_clear()
-        _cpu.available.cache_clear()
+        _cpu.unavailable_reason.cache_clear()
 
     forget()
     yield forget
@@ -422,7 +424,50 @@ def test_a_compiler_that_fails_makes_the_backend_unavailable(rebuild, monkeypatc
         _cpu.library()
     assert not _cpu.available()
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
-    assert auto_without_cpu() == ("compile" if _compile.usable() else "torch")
+    # auto falls back with one warning that carries the compiler's message (it was silent)
+    K._warn_cpu_build_failed.cache_clear()
+    with pytest.warns(RuntimeWarning, match=r"(?s)did not build.*this compiler always fails"):
+        assert auto_without_cpu() == ("compile" if _compile.usable() else "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto_without_cpu()  # once per process
+    # an explicit backend='cpu' says the build failed, not that no compiler exists
+    x, y = T.logits((2, 3, 70), torch.float32)
+    with pytest.raises(ValueError, match=r"(?s)backend='cpu' could not build its kernel: .*this compiler always fails"):
+        visual_dependency(x, y, backend="cpu")
+    K._warn_cpu_build_failed.cache_clear()
+
+
+def test_cc_with_arguments_is_used(rebuild, monkeypatch, tmp_path):
+    """``CC="ccache gcc"``-style values: the first word is looked up, the rest passed on (it fell back to cc)."""
+    wrapper = tmp_path / "wrap"
+    log = tmp_path / "called"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("VPPO_CORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", f"{wrapper} {_cpu.compiler()}")
+    assert _cpu.compiler() == f"{wrapper} {os.environ['CC'].split()[1]}"
+    assert _cpu.available()
+    assert "-shared" in log.read_text()
+
+
+def test_a_shared_temporary_cache_folder_owned_by_no_one_else_is_required(monkeypatch, tmp_path):
+    # the fallback /tmp/vppo_core-<uid> is predictable: a folder others can write (or someone else's) could
+    # hold a planted library, which would be loaded; such a folder is not used
+    open_folder = tmp_path / f"vppo_core-{os.getuid()}"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.delenv("VPPO_CORE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(_cpu.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(_cpu, "_PRIVATE_FALLBACK", {})
+    chosen = _cpu._cache_dir()
+    assert chosen != open_folder and chosen.name.startswith("vppo_core-")
+    assert not chosen.stat().st_mode & 0o077
+    open_folder.chmod(0o700)
+    assert _cpu._cache_dir() == open_folder  # private again: used
 
 
 def test_an_unwritable_cache_home_falls_back_to_the_temporary_directory(rebuild, monkeypatch, tmp_path):

@@ -32,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -80,6 +81,20 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu")
 
 
+@functools.cache
+def _warn_cpu_build_failed() -> None:
+    """Once per process: ``"auto"`` skips ``"cpu"`` because a compiler exists but the build failed (no
+    compiler at all is the documented, silent case)."""
+    reason = _cpu.unavailable_reason()
+    if reason is not None and reason != _cpu.NO_COMPILER:
+        warnings.warn(
+            f"vppo_core: the 'cpu' backend's C kernel did not build, so backend='auto' uses "
+            f"'compile' or 'torch' on the CPU (slower): {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def resolve_backend(backend: str, x: Tensor) -> str:
     """The backend that runs for ``backend`` on logits like ``x``; raises if an explicit one cannot run."""
     return _resolve(backend, x.device, x.dtype, x.numel())
@@ -93,8 +108,10 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
             return "compile"
         if dtype == torch.float64 or numel < AUTO_COMPILE_MIN_ELEMENTS:
             return "torch"
-        if device.type == "cpu" and _cpu.available():
-            return "cpu"
+        if device.type == "cpu":
+            if _cpu.available():
+                return "cpu"
+            _warn_cpu_build_failed()
         return "compile" if _compile.usable() else "torch"
     if backend == "triton":
         if _TRITON_VERSION is None:
@@ -116,7 +133,9 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
         if dtype not in _cpu.DTYPES:
             raise ValueError(f"backend='cpu' takes float32, bfloat16 or float16 logits, got {dtype}; use 'torch'")
         if not torch.compiler.is_compiling() and not _cpu.available():
-            raise ValueError("backend='cpu' needs a C compiler to build its kernel (cc, gcc or clang, or $CC)")
+            if _cpu.unavailable_reason() == _cpu.NO_COMPILER:
+                raise ValueError("backend='cpu' needs a C compiler to build its kernel (cc, gcc or clang, or $CC)")
+            raise ValueError(f"backend='cpu' could not build its kernel: {_cpu.unavailable_reason()}")
         return "cpu"
     if backend == "compile" and not torch.compiler.is_compiling() and not _compile.available():
         raise ValueError("backend='compile' needs a working torch.compile (Dynamo and a C++ compiler for CPU)")

@@ -85,14 +85,19 @@ def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tenso
     ``d`` is centred, ``sum e_j ((x_j - m_x) - (y_j - m_y))`` (in units of ``1/c``): ``x_j - y_j`` would
     round to ``eps |x_j - y_j|``, a large error where the two inputs are offset from each other, while
     ``x_j - m_x`` is exact near the block's top. `_centred_d` adds ``(m_x - m_y) s_x`` back in float64.
+
+    The difference is taken before the scaling by ``c``: ``(x - m_x) c - (y - m_y) c`` lets the C++
+    compiler contract one product into an FMA (the FMA flag is on for this kernel) and not the other,
+    so identical inputs gave ``d`` of a few ulps instead of exactly 0, depending on which loop (vector
+    or tail) a row's entries fell in.
     """
     mx = x.amax(-1, keepdim=True)
     my = y.amax(-1, keepdim=True)
-    tx = (x - _finite_or_zero(mx)) * c
-    ty = (y - _finite_or_zero(my)) * c
-    ex = torch.exp2(tx)
-    ey = torch.exp2(ty)
-    d = torch.where(x > _NEG_INF, ex * (tx - ty), 0.0).sum(-1)
+    dx = x - _finite_or_zero(mx)
+    dy = y - _finite_or_zero(my)
+    ex = torch.exp2(dx * c)
+    ey = torch.exp2(dy * c)
+    d = torch.where(x > _NEG_INF, ex * ((dx - dy) * c), 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
 
 

@@ -32,7 +32,9 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,14 +52,18 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.c")
 _FLAGS = ["-O3", "-std=c11", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]
 
+NO_COMPILER = "the cpu backend needs a C compiler (cc, gcc or clang, or $CC)"
+BUILD_TIMEOUT_S = 300  # a compiler that hangs fails the build instead of the first call
+
 #: ``"portable"``: build the portable C loops instead of the AVX-512 ones (tests use it to check both).
 _state = {"portable": False}
 
 
 def compiler() -> str | None:
-    """The C compiler the build uses, or None."""
+    """The C compiler command the build uses (``$CC`` may hold arguments, e.g. ``ccache gcc``), or None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
+        words = shlex.split(name) if name else []
+        if words and shutil.which(words[0]):
             return name
     return None
 
@@ -85,15 +91,35 @@ def _cache_dir() -> Path:
     except OSError:
         pass
     user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-    return Path(tempfile.gettempdir()) / f"vppo_core-{user}"
+    shared = Path(tempfile.gettempdir()) / f"vppo_core-{user}"
+    if _private(shared):
+        return shared
+    # Someone else's, or open to others: a library planted there would be loaded. A folder of our own.
+    return _PRIVATE_FALLBACK.setdefault("dir", Path(tempfile.mkdtemp(prefix="vppo_core-")))
+
+
+_PRIVATE_FALLBACK: dict[str, Path] = {}
+
+
+def _private(folder: Path) -> bool:
+    """Create ``folder`` (mode 0700) if missing; whether it is a directory that this user owns and that
+    nobody else can write (always true where there are no POSIX owners)."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return True
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _build(cc: str, flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = [*shlex.split(cc), *flags, str(_SOURCE), "-o", str(out), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S)
         if proc.returncode != 0:
             raise RuntimeError(f"building the cpu kernel failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
         os.replace(out, target)  # atomic: concurrent builders never load a half-written file
@@ -104,8 +130,10 @@ def library(portable: bool = False) -> ctypes.CDLL:
     """Build (or load from the cache) and load the kernel library; raises RuntimeError if it cannot."""
     cc = compiler()
     if cc is None:
-        raise RuntimeError("the cpu backend needs a C compiler (cc, gcc or clang, or $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+        raise RuntimeError(NO_COMPILER)
+    version = subprocess.run(
+        [*shlex.split(cc), "--version"], capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S
+    ).stdout
     extra = ["-DVPPO_PORTABLE"] if portable else []
     errors = []
     for arch in (["-march=native"], []):
@@ -117,7 +145,7 @@ def library(portable: bool = False) -> ctypes.CDLL:
                 _build(cc, flags, target)
             lib = ctypes.CDLL(str(target))
             break
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
             errors.append(str(err))
     else:
         raise RuntimeError("; ".join(errors))
@@ -137,13 +165,19 @@ def library(portable: bool = False) -> ctypes.CDLL:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel builds and loads here (the first call builds it)."""
+def unavailable_reason() -> str | None:
+    """Why the kernel does not build or load here (the compiler's message), or None if it does (the
+    first call builds it)."""
     try:
         library(_state["portable"])
-    except (OSError, RuntimeError):
-        return False
-    return True
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+        return str(err)
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel builds and loads here (the first call builds it)."""
+    return unavailable_reason() is None
 
 
 def simd_width() -> int:
