@@ -66,6 +66,13 @@ def _bwd_block(vocab: int) -> int:
     return _block(vocab, 256 if _interpreting() else 2048)
 
 
+def _launch(kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], inv_t: float, **constexprs: int) -> None:
+    """``kernel[grid](*args, 1/T, **constexprs)`` on the device of ``args[0]``, with the kernels' float32
+    ``1/T`` (`kernel_inv_t`) and 8 warps: the one place every launcher goes through."""
+    with _device(args[0]):
+        kernel[grid](*args, kernel_inv_t(inv_t), num_warps=8, **constexprs)
+
+
 def _pair_forward(
     kernel: Any, x: Tensor, y: Tensor, inv_t: float, values: tuple[int, ...], n_stats: int, **constexprs: int
 ) -> tuple[Tensor, Tensor]:
@@ -77,23 +84,10 @@ def _pair_forward(
     stats = torch.empty((batch, seq, n_stats), dtype=torch.float64, device=x.device)
     if batch * seq == 0:
         return out, stats
-    with _device(x):
-        kernel[(batch * seq,)](
-            x,
-            y,
-            out,
-            stats,
-            seq,
-            vocab,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            kernel_inv_t(inv_t),
-            BLOCK=_fwd_block(vocab),
-            num_warps=8,
-            **constexprs,
-        )
+    strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    _launch(
+        kernel, (batch * seq,), (x, y, out, stats, seq, vocab, *strides), inv_t, BLOCK=_fwd_block(vocab), **constexprs
+    )
     return out, stats
 
 
@@ -109,25 +103,21 @@ def _pair_backward(
     if batch * seq == 0 or vocab == 0:
         return gx, gy
     block = _bwd_block(vocab)
-    with _device(x):
-        kernel[(batch * seq, triton.cdiv(vocab, block))](
-            x,
-            y,
-            stats.contiguous(),
-            grad.contiguous(),
-            gx,
-            gy,
-            seq,
-            vocab,
-            x.stride(0),
-            x.stride(1),
-            y.stride(0),
-            y.stride(1),
-            kernel_inv_t(inv_t),
-            BLOCK=block,
-            num_warps=8,
-            **constexprs,
-        )
+    args = (
+        x,
+        y,
+        stats.contiguous(),
+        grad.contiguous(),
+        gx,
+        gy,
+        seq,
+        vocab,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )
+    _launch(kernel, (batch * seq, triton.cdiv(vocab, block)), args, inv_t, BLOCK=block, **constexprs)
     return gx, gy
 
 
@@ -161,19 +151,8 @@ def launch_entropy_forward(x: Tensor, inv_t: float) -> tuple[Tensor, Tensor]:
     stats = torch.empty((batch, seq, 2), dtype=torch.float64, device=x.device)
     if batch * seq == 0:
         return out, stats
-    with _device(x):
-        _entropy_fwd_kernel[(batch * seq,)](
-            x,
-            out,
-            stats,
-            seq,
-            vocab,
-            x.stride(0),
-            x.stride(1),
-            kernel_inv_t(inv_t),
-            BLOCK=_fwd_block(vocab),
-            num_warps=8,
-        )
+    args = (x, out, stats, seq, vocab, x.stride(0), x.stride(1))
+    _launch(_entropy_fwd_kernel, (batch * seq,), args, inv_t, BLOCK=_fwd_block(vocab))
     return out, stats
 
 
@@ -185,20 +164,8 @@ def launch_entropy_backward(x: Tensor, stats: Tensor, grad: Tensor, inv_t: float
     if batch * seq == 0 or vocab == 0:
         return gx
     block = _bwd_block(vocab)
-    with _device(x):
-        _entropy_bwd_kernel[(batch * seq, triton.cdiv(vocab, block))](
-            x,
-            stats.contiguous(),
-            grad.contiguous(),
-            gx,
-            seq,
-            vocab,
-            x.stride(0),
-            x.stride(1),
-            kernel_inv_t(inv_t),
-            BLOCK=block,
-            num_warps=8,
-        )
+    args = (x, stats.contiguous(), grad.contiguous(), gx, seq, vocab, x.stride(0), x.stride(1))
+    _launch(_entropy_bwd_kernel, (batch * seq, triton.cdiv(vocab, block)), args, inv_t, BLOCK=block)
     return gx
 
 
