@@ -82,14 +82,14 @@ def _rescaled(main: Tensor, tail: Tensor, w: Tensor, w_tail: Tensor) -> Tensor:
 def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Raw maxima and base-2 sums over the last axis of float32 blocks ``[..., n]``.
 
-    ``d`` is centred, ``sum e_j ((x_j - m_x) - (y_j - m_y))`` (in units of ``1/c``): ``x_j - y_j`` would
+    ``d`` is centred, ``sum e_j ((x_j - m_x) - (y_j - m_y))`` (in logit units): ``x_j - y_j`` would
     round to ``eps |x_j - y_j|``, a large error where the two inputs are offset from each other, while
     ``x_j - m_x`` is exact near the block's top. `_centred_d` adds ``(m_x - m_y) s_x`` back in float64.
 
-    The difference is taken before the scaling by ``c``: ``(x - m_x) c - (y - m_y) c`` lets the C++
-    compiler contract one product into an FMA (the FMA flag is on for this kernel) and not the other,
-    so identical inputs gave ``d`` of a few ulps instead of exactly 0, depending on which loop (vector
-    or tail) a row's entries fell in.
+    The difference is of the unscaled logits: ``(x - m_x) c - (y - m_y) c`` let the C++ compiler
+    contract one product into an FMA (the FMA flag is on for this kernel) and not the other, so
+    identical inputs gave ``d`` of a few ulps instead of exactly 0, depending on which loop (vector or
+    tail) a row's entries fell in.
     """
     mx = x.amax(-1, keepdim=True)
     my = y.amax(-1, keepdim=True)
@@ -97,14 +97,14 @@ def _block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tenso
     dy = y - _finite_or_zero(my)
     ex = torch.exp2(dx * c)
     ey = torch.exp2(dy * c)
-    d = torch.where(x > _NEG_INF, ex * ((dx - dy) * c), 0.0).sum(-1)
+    d = torch.where(x > _NEG_INF, ex * (dx - dy), 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1)
 
 
-def _centred_d(d: Tensor, s: Tensor, mx: Tensor, my: Tensor, c: Tensor) -> Tensor:
+def _centred_d(d: Tensor, s: Tensor, mx: Tensor, my: Tensor) -> Tensor:
     """float64 ``sum e_j (x_j - y_j)`` of one block from its centred ``d`` (`_block_stats`) and ``s_x``."""
     shift = _finite_or_zero(mx).double() - _finite_or_zero(my).double()
-    return d.double() / c.double() + shift * s.double()
+    return d.double() + shift * s.double()
 
 
 def _merge(m_b: Tensor, m_t: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -130,13 +130,13 @@ def _kl_merge(main: Stats, tail: Stats | None, c: Tensor) -> tuple[Tensor, Tenso
     the same weights, so that ``D / S_x`` keeps the blocks' shifts ``m_x - m_y`` exactly."""
     if tail is None:
         mx, sx, d, my, sy = main
-        return mx, sx.double(), _centred_d(d, sx, mx, my, c), my, sy.double()
+        return mx, sx.double(), _centred_d(d, sx, mx, my), my, sy.double()
     mx, _, _, wx, wx_tail = _merge(main[0], tail[0], c)
     my, _, _, wy, wy_tail = _merge(main[3], tail[3], c)
     wx, wx_tail = wx.double(), wx_tail.double()
     sx = _rescaled(main[1].double(), tail[1].double(), wx, wx_tail)
-    d_main = _centred_d(main[2], main[1], main[0], main[3], c)
-    d = _rescaled(d_main, _centred_d(tail[2], tail[1], tail[0], tail[3], c), wx, wx_tail)
+    d_main = _centred_d(main[2], main[1], main[0], main[3])
+    d = _rescaled(d_main, _centred_d(tail[2], tail[1], tail[0], tail[3]), wx, wx_tail)
     sy = _rescaled(main[4].double(), tail[4].double(), wy.double(), wy_tail.double())  # as S_x: KL(p, p) = 0
     return mx, sx, d, my, sy
 
@@ -204,7 +204,7 @@ def _joint_block_stats(x: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, ...]:
     ex = torch.exp2(sx_ * c)
     ey = torch.exp2(sy_ * c)
     live_x = x > _NEG_INF
-    d = torch.where(live_x, ex * (sx_ - sy_) * c, 0.0).sum(-1)  # centred, as in `_block_stats`
+    d = torch.where(live_x, ex * (sx_ - sy_), 0.0).sum(-1)  # centred, as in `_block_stats`
     hx = torch.where(live_x, ex * sx_, 0.0).sum(-1)
     hy = torch.where(y > _NEG_INF, ey * sy_, 0.0).sum(-1)
     return mx.squeeze(-1), ex.sum(-1), d, my.squeeze(-1), ey.sum(-1), hx, hy
