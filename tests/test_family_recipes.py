@@ -350,6 +350,10 @@ def test_cgpo_two_stages_equal_formula(mask_scope):
 def test_cgpo_rewards():
     r = Fm.cgpo_rewards(torch.tensor([1, 0, 1]), torch.tensor([1, 0, 0]), torch.tensor([0.8, 0.9, 0.5]), gamma=0.5)
     torch.testing.assert_close(r, torch.tensor([1.4, 0.0, 1.0]))
+    # the grounding of an incorrect response is never read; a NaN one of a correct response shows
+    nan = float("nan")
+    r = Fm.cgpo_rewards(torch.tensor([1.0, 0.0]), torch.tensor([True, False]), torch.tensor([nan, nan]))
+    assert r[0].isnan() and r[1] == 0.0
 
 
 # ----------------------------------------------------------------------------- CFPO

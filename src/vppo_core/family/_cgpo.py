@@ -195,7 +195,9 @@ def cgpo_rewards(
 
     $R^{gc}$ is the F1-weighted overlap of the response's boxes with the policy's re-detection
     (computed outside the tensor path); $\gamma = 0.5$ (CGPO, ACM MM 2026). Add it before
-    [`grpo_advantages`][vppo_core.grpo_advantages].
+    [`grpo_advantages`][vppo_core.grpo_advantages]. The grounding of an incorrect response is never
+    read (the bonus is 0 there, whatever it holds: it need not be computed, and may be NaN, as
+    padding may); a NaN grounding of a correct response gives a NaN reward.
 
     Shapes:
         - all ``[batch]``
