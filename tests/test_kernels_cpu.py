@@ -462,7 +462,7 @@ def test_a_shared_temporary_cache_folder_owned_by_no_one_else_is_required(monkey
     monkeypatch.delenv("VPPO_CORE_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     monkeypatch.setattr(_cpu.tempfile, "gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(_cpu, "_PRIVATE_FALLBACK", {})
+    _cpu._own_temporary_dir.cache_clear()
     chosen = _cpu._cache_dir()
     assert chosen != open_folder and chosen.name.startswith("vppo_core-")
     assert not chosen.stat().st_mode & 0o077

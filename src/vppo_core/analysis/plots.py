@@ -41,11 +41,12 @@ def _auto_edges(values: Tensor, bins: int | Tensor, xscale: str, name: str) -> T
         if finite.numel() == 0:
             raise ValueError(f"xscale='log' needs positive {name} values, got none; use xscale='linear'")
         low, high = float(finite.min()), float(finite.max())
-        # a range too narrow for distinct log bins (constant data) spans a decade; never past the
-        # largest float (values near it would overflow the widened end to inf)
-        high = high * 10 if not high > low * (1 + 1e-6) else high * (1 + 1e-9)
-        high = min(high, sys.float_info.max)
-        low = low / 10 if not high > low * (1 + 1e-6) else low
+        # never past the largest float (values near it would overflow the widened end to inf)
+        if high > low * (1 + 1e-6):
+            high = min(high * (1 + 1e-9), sys.float_info.max)
+        else:  # too narrow for distinct log bins (constant data): a decade
+            high = min(high * 10, sys.float_info.max)
+            low = low if high > low * (1 + 1e-6) else low / 10
         return histogram_edges(low, high, bins, log=True)
     if finite.numel() == 0:
         return histogram_edges(0.0, 1.0, bins)

@@ -78,6 +78,17 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# The integer seeds of the demo's example streams (random.Random seeds by absolute value).
+EVAL_STREAM, SFT_STREAM, RL_STREAM = 10_000, 1_000_000, 2_000_000
+
+
+def _held_out_is_disjoint(cfg: "Config") -> bool:
+    """The held-out examples are drawn from a stream no training batch uses (for most seeds; a seed
+    near 990 000 or 1 990 000 would make the held-out set a warm-start or RL batch)."""
+    key = abs(EVAL_STREAM + cfg.seed)
+    return not (SFT_STREAM <= key < SFT_STREAM + cfg.sft_steps or RL_STREAM <= key < RL_STREAM + cfg.steps)
+
+
 @dataclass
 class Config:
     """Hyper-parameters of the demo (the command-line flags).
@@ -121,17 +132,6 @@ class Config:
                 f"({SFT_STREAM} + warm-start step, {RL_STREAM} + RL step)",
                 self.seed,
             )
-
-
-# The integer seeds of the demo's example streams (random.Random seeds by absolute value).
-EVAL_STREAM, SFT_STREAM, RL_STREAM = 10_000, 1_000_000, 2_000_000
-
-
-def _held_out_is_disjoint(cfg: "Config") -> bool:
-    """The held-out examples are drawn from a stream no training batch uses (for most seeds; a seed
-    near 990 000 or 1 990 000 would make the held-out set a warm-start or RL batch)."""
-    key = abs(EVAL_STREAM + cfg.seed)
-    return not (SFT_STREAM <= key < SFT_STREAM + cfg.sft_steps or RL_STREAM <= key < RL_STREAM + cfg.steps)
 
 
 @dataclass

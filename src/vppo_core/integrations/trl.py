@@ -193,9 +193,9 @@ class VPPOTrainer(GRPOTrainer):
 
     with $\hat A_i$ TRL's group-normalised advantage, $\alpha_i$ the TAS factor, $m_{it}$ the TGF
     mask, $\ell$ the clipped surrogate (TRL's ``epsilon`` / ``epsilon_high``, dual clip
-    ``dual_clip``) and $N$ the valid tokens of the global generation batch per optimizer step (see the
-    module notes when ``steps_per_generation != gradient_accumulation_steps``). See the module notes for where
-    each piece is computed and which TRL internals it uses.
+    ``dual_clip``) and $N$ the valid tokens of the global generation batch per optimizer step. See the
+    module notes for where each piece is computed, which TRL internals it uses, and $N$ when
+    ``steps_per_generation != gradient_accumulation_steps``.
 
     Logged (``trainer.state.log_history``; global over processes): ``vppo/kept_frac``,
     ``vppo/dependency_mean``, ``vppo/tas_factor_min``, ``vppo/tas_factor_mean``,

@@ -132,10 +132,11 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype, numel: int)
             raise ValueError(f"backend='cpu' needs CPU tensors, got a tensor on {device}")
         if dtype not in _cpu.DTYPES:
             raise ValueError(f"backend='cpu' takes float32, bfloat16 or float16 logits, got {dtype}; use 'torch'")
-        if not torch.compiler.is_compiling() and not _cpu.available():
-            if _cpu.unavailable_reason() == _cpu.NO_COMPILER:
-                raise ValueError("backend='cpu' needs a C compiler to build its kernel (cc, gcc or clang, or $CC)")
-            raise ValueError(f"backend='cpu' could not build its kernel: {_cpu.unavailable_reason()}")
+        reason = None if torch.compiler.is_compiling() else _cpu.unavailable_reason()
+        if reason == _cpu.NO_COMPILER:
+            raise ValueError("backend='cpu' needs a C compiler to build its kernel (cc, gcc or clang, or $CC)")
+        if reason is not None:
+            raise ValueError(f"backend='cpu' could not build its kernel: {reason}")
         return "cpu"
     if backend == "compile" and not torch.compiler.is_compiling() and not _compile.available():
         raise ValueError("backend='compile' needs a working torch.compile (Dynamo and a C++ compiler for CPU)")

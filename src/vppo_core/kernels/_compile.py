@@ -166,13 +166,11 @@ def _canonical(t: Tensor) -> Tensor:
     strides (a view). Fewer stride patterns, fewer graphs (see `_layout`).
     """
     rows, vocab = t.shape
-    if rows <= 1:
-        if t.stride(1) != 1 and vocab > 1:  # a strided vocabulary: copied (as_strided would read past it)
-            return t.contiguous()
-        return t if t.stride() == (vocab, 1) else t.as_strided((rows, vocab), (vocab, 1))
-    if (t.stride(1) != 1 and vocab > 1) or t.stride(0) < vocab:
+    if t.stride(1) != 1 and vocab > 1:  # a strided vocabulary (as_strided below would read past a row)
         return t.contiguous()
-    return t
+    if rows <= 1:
+        return t if t.stride() == (vocab, 1) else t.as_strided((rows, vocab), (vocab, 1))
+    return t.contiguous() if t.stride(0) < vocab else t
 
 
 def _fresh(t: Tensor) -> Tensor:

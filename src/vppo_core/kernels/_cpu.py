@@ -94,11 +94,13 @@ def _cache_dir() -> Path:
     shared = Path(tempfile.gettempdir()) / f"vppo_core-{user}"
     if _private(shared):
         return shared
-    # Someone else's, or open to others: a library planted there would be loaded. A folder of our own.
-    return _PRIVATE_FALLBACK.setdefault("dir", Path(tempfile.mkdtemp(prefix="vppo_core-")))
+    return _own_temporary_dir()  # someone else's, or open to others: a library planted there would load
 
 
-_PRIVATE_FALLBACK: dict[str, Path] = {}
+@functools.cache
+def _own_temporary_dir() -> Path:
+    """A fresh private folder (``mkdtemp``, mode 0700), one per process."""
+    return Path(tempfile.mkdtemp(prefix="vppo_core-"))
 
 
 def _private(folder: Path) -> bool:
