@@ -456,13 +456,14 @@ def test_log_ratio_signal(kind):
     lq = -torch.rand(4, 6, generator=g, dtype=F64) * 5
     lq[0, 0] = -50.0  # beyond the +-20 clamp
     mask = torch.rand(4, 6, generator=g) < 0.7
+    mask[0, 0] = True  # the entry beyond the clamp counts
     got = assert_inputs_unchanged(log_ratio_signal, lp, lq, mask, kind=kind)
     d = (lq - lp).clamp(-20, 20)
     expected = {
         "k1": -d,
         "k2": d * d / 2,
         "k3": (torch.exp(d) - d - 1).clamp(0, 10),
-        "abs": d.abs(),
+        "abs": (lq - lp).abs(),  # ToR's P_t has no clamp
         "positive": torch.relu(-d),
     }[kind]
     torch.testing.assert_close(got, torch.where(mask, expected, 0.0), rtol=1e-12, atol=1e-12)

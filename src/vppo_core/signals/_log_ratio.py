@@ -24,15 +24,16 @@ def log_ratio_signal(
 ) -> Float[Tensor, "*batch"]:
     r"""Per-token signals from the sampled token's log-probability under the original input and a view.
 
-    With $d_t = \operatorname{clamp}(\log q(o_t) - \log p(o_t), -20, 20)$, $p$ the policy on the
-    original input and $q$ on the view (no image, masked, noised, counterfactual):
+    With $\delta_t = \log q(o_t) - \log p(o_t)$ and $d_t = \operatorname{clamp}(\delta_t, -20, 20)$ (the
+    reference code's clamp of the estimators), $p$ the policy on the original input and $q$ on the
+    view (no image, masked, noised, counterfactual):
 
     | ``kind`` | value | |
     |---|---|---|
     | ``"k1"`` | $-d_t$ | unbiased for $\mathrm{KL}(p\Vert q)$, signed |
     | ``"k2"`` | $d_t^2/2$ | |
     | ``"k3"`` | $\operatorname{clamp}(e^{d_t} - d_t - 1, \text{k3\_range})$ | VPPO code, CGPO ($S_t$) |
-    | ``"abs"`` | $\lvert d_t\rvert$ | ToR's perception score $P_t$ (arXiv:2603.25077) |
+    | ``"abs"`` | $\lvert \delta_t\rvert$, not clamped | ToR's perception score $P_t$ (arXiv:2603.25077) |
     | ``"positive"`` | $\max(-d_t, 0)$ | the log-probability the token loses on the view |
 
     ``k3_range`` is $[0, 10]$ for a rollout-policy reference (a signal) and $[-10, 10]$ for the
@@ -67,15 +68,16 @@ def log_ratio_signal(
         raise ValueError(f"k3_range must be (low, high) with low <= high, got {k3_range!r}")
     check_same_device(logprobs=logprobs, view_logprobs=view_logprobs, response_mask=response_mask)
     dtype = result_dtype(logprobs, view_logprobs)
-    d = (view_logprobs.to(dtype) - logprobs.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if kind == "k1":
+    delta = view_logprobs.to(dtype) - logprobs.to(dtype)
+    d = delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if kind == "abs":  # a ranking score: a clamp would tie every token beyond 20 nats
+        out = delta.abs()
+    elif kind == "k1":
         out = 0.0 - d  # not -d: no negative zeros
     elif kind == "k2":
         out = 0.5 * d.square()
     elif kind == "k3":
         out = (torch.expm1(d) - d).clamp(*k3_range)
-    elif kind == "abs":
-        out = d.abs()
     else:
         out = (0.0 - d).clamp_min(0.0)
     return _masked(out, response_mask)
