@@ -227,6 +227,17 @@ def test_loss_denominators_with_token_weights_split_like_one_batch():
     torch.testing.assert_close(grad_parts, grad_whole, rtol=1e-6, atol=0)
 
 
+def test_loss_denominators_shape_errors():
+    # a [1, seq] token mask was broadcast over the batch, and a 1-D mask counted as one sequence
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"token_mask must have response_mask's shape \(2, 3\), got shape \(1, 3\)"):
+        loss_denominators(mask, mask[:1])
+    with pytest.raises(ValueError, match=r"response_mask\[1\] must be a \[batch, seq\] tensor, got shape \(3,\)"):
+        loss_denominators([mask, mask[0]])
+    with pytest.raises(ValueError, match=r"token_mask\[0\] must have response_mask\[0\]'s shape \(2, 3\), got list"):
+        loss_denominators([mask], [[1, 0, 1]])
+
+
 def test_process_group_errors():
     mask = torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):

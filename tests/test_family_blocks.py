@@ -115,6 +115,34 @@ def test_soft_or_matches_oracle_and_zero_weight():
     assert torch.equal(soft_or([a], [1.0], mask), torch.where(mask, a, 0.0))
 
 
+TRANSFORMS = {
+    "minmax_per_response": lambda xs, m: minmax_per_response(xs[0], m),
+    "shift_nonnegative": lambda xs, m: shift_nonnegative(xs[0] - 0.5, m),
+    "soft_or": lambda xs, m: soft_or(xs, [0.7, 0.3], m),
+    "tanh_gate": lambda xs, m: tanh_gate(xs[0], m, alpha=0.05),
+    "response_softmax": lambda xs, m: response_softmax(xs[0], m),
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transforms_never_read_padding_in_values_or_gradients(name, bad):
+    # soft_or once raised every signal to its power at padding too: the value was masked, the gradient NaN
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(3, 5, generator=g) < 0.6
+    mask[:, 0] = True
+    clean = [torch.where(mask, torch.rand(3, 5, generator=g, dtype=F64), 0.0) for _ in range(2)]
+    dirty = [torch.where(mask, x, bad).requires_grad_() for x in clean]
+    out = TRANSFORMS[name](dirty, mask)
+    torch.testing.assert_close(out, TRANSFORMS[name](clean, mask), rtol=0, atol=0)
+    up = torch.rand(3, 5, generator=g, dtype=F64)
+    grads = torch.autograd.grad(out, dirty, up, allow_unused=True)
+    for i, grad in enumerate(grads):
+        if grad is not None:
+            assert torch.isfinite(grad).all(), f"signal {i}"
+            assert (grad[~mask] == 0).all(), f"signal {i}"
+
+
 @given(st.integers(0, 2**16), st.floats(0.1, 5.0))
 def test_response_softmax_mean_one(seed, temperature):
     x, mask = make(seed=seed)
@@ -467,6 +495,15 @@ def test_log_ratio_signal(kind):
         "positive": torch.relu(-d),
     }[kind]
     torch.testing.assert_close(got, torch.where(mask, expected, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_options_raise_type_error_as_documented():
+    x, mask = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="kind"):
+        log_ratio_signal(x, x, kind="bogus")
+    for option in ({"mode": "x"}, {"align": "x"}, {"layers": "first"}):
+        with pytest.raises(TypeError, match=next(iter(option))):
+            visual_similarity(torch.zeros(2, 3, 4), mask, **option)
 
 
 def similarity_oracle(states, img, mode, align):

@@ -149,9 +149,9 @@ def aggregate(
 
     Raises:
         ValueError: On a count for the wrong mode, a non-positive count given as a number, or a
-            ``norm_length`` that is not a positive integer.
-        TypeError: On an unknown ``agg``/``denominator``, or a shape or dtype that does not match
-            the annotation (jaxtyping).
+            ``norm_length`` below 1.
+        TypeError: On an unknown ``agg``/``denominator``, a ``norm_length`` that is not an ``int``,
+            or a shape or dtype that does not match the annotation (jaxtyping).
 
     Example:
         >>> import torch

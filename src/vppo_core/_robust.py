@@ -102,7 +102,7 @@ def median_mad_factors(
 
     CGPO (ACM MM 2026, DOI 10.1145/3767308.3835969) scales the advantages of its perception tokens
     by $\alpha_i$ computed from each response's mean counterfactual $k_3$, $s_i = \bar S_i$, over the
-    rollout batch, $\lambda = 0.1$: factors lie in $(1 - \lambda, 1 + \lambda)$, so the advantage's sign
+    rollout batch, $\lambda = 0.1$: factors lie in $[1 - \lambda, 1 + \lambda]$, so the advantage's sign
     is kept. The statistics come from [`median_mad`][vppo_core.factors.median_mad] over the valid
     responses of the (global) batch; invalid responses get 1. Detached.
 

@@ -146,8 +146,9 @@ def loss_denominators(
         [`LossDenominators`][vppo_core.distributed.LossDenominators] of 0-d float32 tensors.
 
     Raises:
-        ValueError: If ``process_group`` is given but torch.distributed is not initialised, or
-            ``gradient_reduction`` is unknown.
+        ValueError: If ``process_group`` is given but torch.distributed is not initialised,
+            ``gradient_reduction`` is unknown, a mask is not ``[batch, seq]``, or a ``token_mask``
+            differs in shape from its ``response_mask``.
 
     Example:
         >>> import torch
@@ -169,6 +170,15 @@ def loss_denominators(
             )
     if not masks:
         raise ValueError("response_mask must hold at least one micro-batch, got an empty sequence")
+    single = isinstance(response_mask, Tensor)
+    for i, (mask, keep) in enumerate(zip(masks, keeps)):
+        at = "" if single else f"[{i}]"
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            got = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"response_mask{at} must be a [batch, seq] tensor, got {got}")
+        if keep is not None and (not isinstance(keep, Tensor) or keep.shape != mask.shape):
+            got = f"shape {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+            raise ValueError(f"token_mask{at} must have response_mask{at}'s shape {tuple(mask.shape)}, got {got}")
     counts = torch.zeros(3, dtype=torch.float32, device=masks[0].device)
     for mask, keep in zip(masks, keeps):
         valid = as_bool_mask(mask)

@@ -131,7 +131,8 @@ def minmax_normalise(
             globally consistent). ``None``: this process's batch only.
 
     Returns:
-        float32 (float64 for float64 input), in $[0, 1)$.
+        float32 (float64 for float64 input), in $[0, 1]$ (the maximum is exactly 1 in float32 once
+        the range exceeds about 0.3).
 
     Raises:
         ValueError: If ``eps <= 0``, or ``process_group`` is given without ``torch.distributed``.

@@ -75,7 +75,7 @@ def minmax_per_response(
     *,
     eps: float = MINMAX_EPS,
 ) -> Float[Tensor, "batch seq"]:
-    r"""Per-response min-max normalisation to $[0, 1)$ (the family's $\operatorname{mm}_{resp}$).
+    r"""Per-response min-max normalisation to $[0, 1]$ (the family's $\operatorname{mm}_{resp}$).
 
     For response $i$, over its valid tokens,
 
@@ -86,7 +86,9 @@ def minmax_per_response(
 
     Used on every signal of PEPO (arXiv:2603.22847), VEPO (arXiv:2606.03937), VGPO
     (arXiv:2604.09349) and PGPO (arXiv:2604.01840, inside [`pgpo_weights`][vppo_core.pgpo_weights]).
-    A constant response (including a single token) maps to 0 everywhere. Padding is 0 and never read;
+    The maximum maps to $1/(1 + \epsilon/\text{range})$: exactly 1 in float32 once the range exceeds
+    about 0.3, just below 1 in float64. A constant response (including a single token) maps to 0
+    everywhere. Padding is 0 and never read;
     NaN at a valid token makes its response NaN. Differentiable (the min and max route the gradient
     to their arg-extremes); detach the input when the result feeds a weight.
 
@@ -202,7 +204,8 @@ def soft_or(
         keep = as_bool_mask(response_mask)
     survival = torch.ones(signals[0].shape, dtype=dtype, device=signals[0].device)
     for x, w in zip(signals, weights):
-        survival = survival * torch.pow(1.0 - x.to(dtype), w)
+        x = x.to(dtype) if keep is None else torch.where(keep, x.to(dtype), 0.0)  # padding never read
+        survival = survival * torch.pow(1.0 - x, w)
     out = 1.0 - survival
     return out if keep is None else torch.where(keep, out, 0.0)
 
@@ -219,7 +222,8 @@ def tanh_gate(
     PEPO (arXiv:2603.22847) gates its visual-similarity weights with
     $g_t = 1 + \alpha\tanh\big((\hat v_t + \hat h_t) - \operatorname{mean}_{resp}(\hat v + \hat h)\big)$,
     $\alpha = 0.05$, so tokens both image-grounded and uncertain get slightly more weight. The gate
-    lies in $(1 - |\alpha|, 1 + |\alpha|)$. Differentiable.
+    lies in $[1 - |\alpha|, 1 + |\alpha|]$ (the ends are reached where $\tanh$ rounds to $\pm 1$).
+    Differentiable.
 
     Shapes:
         - ``x``, ``response_mask``: ``[batch, seq]``

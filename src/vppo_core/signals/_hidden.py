@@ -90,7 +90,9 @@ def visual_similarity(
         Similarities in $[-1, 1]$, float32 (float64 for float64 input).
 
     Raises:
-        ValueError: On an unknown option, an empty or out-of-range layer selection, or ``eps <= 0``.
+        ValueError: On an empty or out-of-range layer selection, or ``eps <= 0``.
+        TypeError: On an unknown ``layers``/``mode``/``align`` option, or a shape or dtype that does
+            not match the annotation (jaxtyping).
 
     Example:
         >>> import torch

@@ -55,7 +55,9 @@ def log_ratio_signal(
         float32 (float64 for float64 input).
 
     Raises:
-        ValueError: On an unknown ``kind`` or a ``k3_range`` with ``low > high``.
+        ValueError: On a ``k3_range`` with ``low > high``.
+        TypeError: On an unknown ``kind``, or a shape or dtype that does not match the annotation
+            (jaxtyping).
 
     Example:
         >>> import torch
