@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import as_bool_mask, check_positive, result_dtype, typechecked
 from ..dependency import visual_dependency, visual_dependency_from_hidden
@@ -141,15 +142,27 @@ def _select(inputs: Mapping[str, Any], response_mask: Tensor) -> _Selection:
     return _Selection(rows, cols, input_ids[rows, cols], (input_ids.shape[0], input_ids.shape[1]))
 
 
+def _chunk_logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, temperature: float) -> Tensor:
+    logits = head(hidden).to(result_dtype(hidden)) / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 def _logprobs(hidden: Tensor, head: torch.nn.Module, targets: Tensor, temperature: float, chunk_size: int) -> Tensor:
-    """``log softmax(head(hidden) / T)[target]`` in float32 (float64 for float64), ``chunk_size`` rows at a time."""
-    dtype = result_dtype(hidden)
+    """``log softmax(head(hidden) / T)[target]`` in float32 (float64 for float64), ``chunk_size`` rows at a time.
+
+    With gradient, each chunk is checkpointed: its logits are recomputed in the backward instead of
+    being kept for it (``logsumexp`` saves its input), so one chunk's logits are alive at a time in
+    the backward too, for one more ``head`` matmul.
+    """
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = head(hidden[start : start + chunk_size]).to(dtype) / temperature
-        tgt = targets[start : start + chunk_size].unsqueeze(-1)
-        parts.append(logits.gather(-1, tgt).squeeze(-1) - logits.logsumexp(-1))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
+        args = (hidden[start : start + chunk_size], head, targets[start : start + chunk_size], temperature)
+        if grad:
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=result_dtype(hidden))
 
 
 def _scatter(values: Tensor, sel: _Selection) -> Tensor:
@@ -179,7 +192,10 @@ def token_logprobs(
 
     ``log_softmax(lm_head(h_{t-1}) / T)[input_ids[t]]`` at every ``t`` marked by ``response_mask``,
     with the logits of at most ``chunk_size`` tokens alive at a time. Runs in the caller's grad
-    mode: under ``torch.no_grad()`` for the old / reference policy, with grad for the update.
+    mode: under ``torch.no_grad()`` for the old / reference policy, with grad for the update. With
+    grad, each chunk is checkpointed (its logits are recomputed in the backward, one more ``lm_head``
+    matmul over the response tokens), so the backward too holds one chunk's logits at a time
+    instead of all ``[tokens, vocab]`` of them.
 
     Shapes:
         - ``response_mask``: ``[batch, seq]`` like ``inputs["input_ids"]``
