@@ -178,6 +178,27 @@ def test_vp_noise_on_pixel_values(family_name):
         vp_diffusion_noise(images, step=1, generator=0)
 
 
+@pytest.mark.parametrize("rescale_factor", [1.0, 1 / 127.5])
+def test_vp_noise_is_the_same_image_noise_whatever_the_rescale_factor(rescale_factor):
+    # the [0, 1] image was taken as x * std + mean, right only for rescale_factor = 1/255: without
+    # rescaling (do_rescale=False) the image was clamped to one grey level
+    processor = tiny_processor("qwen2_vl")
+    batch, _ = make_batch(processor)
+    layout = PixelLayout.from_processor(processor)
+    assert layout.rescale_factor == 1 / 255
+    pv, thw = batch["pixel_values"].double(), batch["image_grid_thw"]
+    channels = layout.temporal_patch_size * layout.patch_size**2
+    mean = torch.tensor(layout.image_mean, dtype=torch.float64).repeat_interleave(channels)
+    std = torch.tensor(layout.image_std, dtype=torch.float64).repeat_interleave(channels)
+    grey = (pv * std + mean) * 255  # the 0-255 image the processor saw
+    other = layout._replace(rescale_factor=rescale_factor)
+    pv_other = (grey * rescale_factor - mean) / std  # what a processor with that factor gives
+    for step in (0, 300):
+        a = vp_diffusion_noise_pixel_values(pv, thw, layout, step=step, generator=torch.Generator().manual_seed(3))
+        b = vp_diffusion_noise_pixel_values(pv_other, thw, other, step=step, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close((b * std + mean) / (255 * rescale_factor), a * std + mean, rtol=0, atol=1e-12)
+
+
 def test_normalised_noise():
     pv = torch.randn(16, 1176)
     out = assert_inputs_unchanged(normalised_noise_pixel_values, pv, generator=torch.Generator().manual_seed(4))

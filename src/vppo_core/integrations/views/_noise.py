@@ -129,7 +129,8 @@ def vp_diffusion_noise_pixel_values(
 ) -> Float[Tensor, "patches features"]:
     r"""VP-diffusion noise on the images inside a Qwen-VL ``pixel_values``.
 
-    Each image is taken back to $[0, 1]$ ($x\sigma_c + \mu_c$ with the layout's normalisation), noised
+    Each image is taken back to $[0, 1]$ ($(x\sigma_c + \mu_c)/(255 r)$ with the layout's normalisation
+    and rescale factor $r$; $255 r = 1$ for the usual $r = 1/255$), noised
     with one draw of $\varepsilon$ per image (``[t, channels, H, W]``, image after image, shared by its
     temporal copies as the processor copies the noised image), clamped, and normalised again: what
     noising the resized image before the processor gives, without the ``uint8`` rounding. This is the
@@ -170,12 +171,13 @@ def vp_diffusion_noise_pixel_values(
     for im in images:
         work = im.to(torch.float64 if im.dtype == torch.float64 else torch.float32)
         mean, std = _channel(layout.image_mean, work), _channel(layout.image_std, work)
-        x01 = work * std + mean
+        scale = 255.0 * layout.rescale_factor  # rescaled units per [0, 1] (1, or 255 without rescaling)
+        x01 = (work * std + mean) / scale
         t = x01.shape[0] // tp
         still = x01.reshape(t, tp, *x01.shape[1:])[:, 0]
         noised = vp_diffusion_noise(still, step=step, generator=generator, clamp=clamp)
         frames = noised.unsqueeze(1).expand(t, tp, *noised.shape[1:]).reshape(x01.shape)
-        out.append(((frames - mean) / std).to(im.dtype))
+        out.append(((frames * scale - mean) / std).to(im.dtype))
     return images_to_pixel_values(out, layout)[0] if out else pixel_values.clone()
 
 
