@@ -348,6 +348,41 @@ def test_counterfactual_hook_and_its_removal(family, padding_side):
     assert (cf[after_image] - before[after_image]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_counterfactual_attention_under_flash_attention_masks(qwen2, padding_side):
+    # A flash-attention model builds a [batch, keys] padding mask (or None), not the 4-D causal one:
+    # it broadcast against [batch, heads, queries, keys] (a crash for two rows, no causal mask for one).
+    # Simulated on the CPU: SDPA attention with transformers' own flash-attention mask function.
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError as error:
+        pytest.skip(f"this transformers has no flash-attention mask function: {error}")
+    model, processor = qwen2
+    batch, _ = make_batch(processor, padding_side=padding_side)
+    sizes = batch["image_grid_thw"].prod(-1).tolist()
+    padded = int((batch["attention_mask"] == 0).any(-1).nonzero()[0])  # a row with padding, alone
+    one = {k: v[padded : padded + 1] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    one["pixel_values"] = batch["pixel_values"][sum(sizes[:padded]) : sum(sizes[: padded + 1])]
+    one["image_grid_thw"] = batch["image_grid_thw"][padded : padded + 1]
+    AttentionInterface.register("vppo_test_fa2_masks", sdpa_attention_forward)
+    AttentionMaskInterface.register("vppo_test_fa2_masks", flash_attention_mask)
+    original = model.config._attn_implementation
+    for inputs in (batch, one):
+        real = inputs["attention_mask"] == 1
+        with torch.no_grad():
+            before = model(**inputs).logits
+            model.set_attn_implementation("vppo_test_fa2_masks")
+            try:
+                with counterfactual_attention(model, inputs, k=float("inf")):  # nothing salient: plain attention
+                    plain = model(**inputs).logits
+            finally:
+                model.set_attn_implementation(original)
+        assert plain.isfinite().all()
+        torch.testing.assert_close(plain[real], before[real], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 def test_counterfactual_attention_function_query_without_keys(mask_kind):
     """A query that may attend to no key (left padding) reads nothing, as in torch's SDPA: zeros, not NaN."""

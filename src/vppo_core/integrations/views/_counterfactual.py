@@ -111,6 +111,10 @@ def _counterfactual_forward(
     # Masked scores are the dtype's lowest finite value, not -inf: a query that may attend to no key
     # (a left-padding position) would otherwise get a NaN softmax row, which the next layers spread
     # to every token of its sample. Such a row reads nothing (zero weights), as in torch's SDPA.
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # a flash-attention model builds a [batch, keys] padding mask (1: a real token), no causal part
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
+        attention_mask = causal & attention_mask[:, None, None, :k_len].bool()
     if attention_mask is None:
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
@@ -155,7 +159,9 @@ def counterfactual_attention(model: Any, inputs: Mapping[str, Any], *, k: float 
     ``_attn_implementation`` names an attention function registered under ``"vppo_counterfactual"``
     in ``transformers.AttentionInterface``; on exit every module gets its own config object back, so
     the model computes exactly what it did before (nothing else is changed; the registration, a
-    name, stays). Only full forward passes of these ``inputs`` are supported (no cache).
+    name, stays). The attention mask is the one the model builds for its own implementation: a 4-D
+    mask (eager, SDPA), or a ``[batch, keys]`` padding mask or none (flash attention), to which the
+    causal mask is added. Only full forward passes of these ``inputs`` are supported (no cache).
 
     Args:
         model: A ``transformers`` Qwen-VL ``*ForConditionalGeneration`` model.
