@@ -437,6 +437,42 @@ def test_layout_honours_the_processor_flags(flags: dict) -> None:
     assert torch.equal(coloured, expected)
 
 
+class _RasterRows:
+    """A Qwen-VL image processor whose rows come out in raster order (as HunYuan-VL's do), same attributes."""
+
+    def __init__(self, processor, rows="raster"):
+        self.inner, self.rows = processor, rows
+        for name in ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "rescale_factor"):
+            setattr(self, name, getattr(processor, name))
+
+    def __call__(self, images, return_tensors="pt"):
+        out = dict(self.inner(images, return_tensors=return_tensors))
+        if self.rows == "raster":  # undo the 2x2 merge blocks of every image
+            pv, grid, parts, m = out["pixel_values"], out["image_grid_thw"], [], self.merge_size
+            for rows, (t, h, w) in zip(pv.split(grid.prod(-1).tolist()), grid.tolist()):
+                blocks = rows.view(t, h // m, w // m, m, m, -1).permute(0, 1, 3, 2, 4, 5)
+                parts.append(blocks.reshape(t * h * w, -1))
+            out["pixel_values"] = torch.cat(parts)
+        else:  # no image_grid_thw
+            del out["image_grid_thw"]
+        return out
+
+
+def test_layout_from_processor_checks_the_layout_on_an_image() -> None:
+    # Other models' image processors carry the same attribute names with another row order; their
+    # layout was accepted and every perturbation hit the wrong pixels without an error.
+    require_transformers()
+    from vppo_core.integrations.tiny_vlm import tiny_image_processor
+
+    processor = tiny_image_processor("qwen3_vl")
+    assert PixelLayout.from_processor(processor) == LAYOUTS["qwen3_vl"]
+    with pytest.raises(ValueError, match=r"_RasterRows does not lay images out as a Qwen-VL .* grey levels off"):
+        PixelLayout.from_processor(_RasterRows(processor))
+    assert PixelLayout.from_processor(_RasterRows(processor), verify=False) == LAYOUTS["qwen3_vl"]
+    with pytest.raises(ValueError, match=r"_RasterRows does not lay images out .* KeyError: 'image_grid_thw'"):
+        PixelLayout.from_processor(_RasterRows(processor, rows="no grid"))
+
+
 def test_layout_from_processor_constant_types() -> None:
     """image_mean / image_std as a NumPy array, a tensor or one number for every channel."""
     np = pytest.importorskip("numpy")

@@ -309,7 +309,9 @@ class VPPOTrainer(GRPOTrainer):
                 "the default perturbation needs Qwen-style 'image_grid_thw' inputs; "
                 "pass VPPOTrainer(perturb=...) for this model's pixel_values layout"
             )
-        layout = PixelLayout.from_processor(self.processing_class)
+        layout = self.__dict__.get("_vppo_pixel_layout")
+        if layout is None:  # read (and checked on an image) once
+            layout = self.__dict__["_vppo_pixel_layout"] = PixelLayout.from_processor(self.processing_class)
         return blacken_patches_pixel_values(pixel_values, image_grid_thw, layout, generator=generator, p=0.5)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -51,8 +51,8 @@ class PixelLayout(NamedTuple):
     rescale_factor: float = 1 / 255
 
     @classmethod
-    def from_processor(cls, processor: Any) -> "PixelLayout":
-        """Read the layout from a Qwen-VL processor or its ``image_processor``.
+    def from_processor(cls, processor: Any, *, verify: bool = True) -> "PixelLayout":
+        """Read the layout from a Qwen-VL processor or its ``image_processor``, and check it on an image.
 
         The processor's ``do_normalize`` and ``do_rescale`` (default true when absent) are honoured:
         without normalisation the layout's mean is 0 and its std 1, without rescaling its
@@ -60,8 +60,16 @@ class PixelLayout(NamedTuple):
         processor on the perturbed image. ``image_mean`` / ``image_std`` may be a number (one value
         for every channel) or any sequence of numbers (list, tuple, NumPy array, tensor).
 
+        Other models' image processors can carry the same attribute names with another row order
+        (HunYuan-VL's rows are in raster order, not in merge blocks), and a perturbation of their
+        ``pixel_values`` would then hit the wrong pixels without any error. So with ``verify`` (the
+        default) a callable image processor is run once on a random image of a size it keeps, and
+        the layout must give that image back from the ``pixel_values`` (within 1.5 grey levels);
+        this needs Pillow, and takes milliseconds. Objects that cannot be called are not checked.
+
         Args:
             processor: A ``transformers`` processor (with ``.image_processor``) or image processor.
+            verify: Check the layout on a random image (see above).
 
         Returns:
             The layout with the processor's patch, merge and temporal sizes, mean, std and rescale factor.
@@ -69,6 +77,7 @@ class PixelLayout(NamedTuple):
         Raises:
             TypeError: If ``processor`` lacks one of those attributes, or its ``image_mean`` /
                 ``image_std`` is not a number or a sequence of numbers.
+            ValueError: If ``verify`` finds that the processor lays images out another way.
 
         Example:
             >>> from types import SimpleNamespace
@@ -89,13 +98,54 @@ class PixelLayout(NamedTuple):
         if getattr(ip, "do_normalize", True) is False:
             mean, std = (0.0,) * len(mean), (1.0,) * len(std)
         rescale = float(getattr(ip, "rescale_factor", 1 / 255))
-        return cls(
+        layout = cls(
             patch_size=int(ip.patch_size),
             merge_size=int(ip.merge_size),
             temporal_patch_size=int(ip.temporal_patch_size),
             image_mean=mean,
             image_std=std,
             rescale_factor=rescale if getattr(ip, "do_rescale", True) is not False else 1.0,
+        )
+        if verify and callable(ip):
+            _verify_layout(ip, layout)
+        return layout
+
+
+def _verify_layout(ip: Any, layout: PixelLayout) -> None:
+    """Run the image processor on a random image it does not resize; the layout must give it back."""
+    from PIL import Image
+
+    from ._pixel_values import pixel_values_to_images
+
+    name = type(ip).__name__
+    side = 2 * layout.patch_size * layout.merge_size
+    try:  # the processor's own size for a small image (it may scale it up to its minimum)
+        thw = ip(images=[Image.new("RGB", (side, side))], return_tensors="pt")["image_grid_thw"]
+        height, width = int(thw[0, 1]) * layout.patch_size, int(thw[0, 2]) * layout.patch_size
+        g = torch.Generator().manual_seed(0)
+        grey = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=g)
+        image = Image.frombytes("RGB", (width, height), bytes(grey.flatten().tolist()))
+        out = ip(images=[image], return_tensors="pt")
+        pixel_values, grid = torch.as_tensor(out["pixel_values"]), torch.as_tensor(out["image_grid_thw"])
+        frames = pixel_values_to_images(pixel_values.float(), grid, layout)[0]
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        first_line = (str(error).splitlines() or [""])[0]
+        raise ValueError(
+            f"processor's image processor {name} does not lay images out as a Qwen-VL processor does "
+            f"(patch rows in merge blocks, an image_grid_thw per image): {type(error).__name__}: {first_line}"
+        ) from error
+    mean = torch.tensor(layout.image_mean, dtype=torch.float64).view(-1, 1, 1)
+    std = torch.tensor(layout.image_std, dtype=torch.float64).view(-1, 1, 1)
+    back = (frames.double() * std + mean) / layout.rescale_factor  # grey levels
+    fits = back.shape[1:] == (3, height, width)
+    error = (back - grey.permute(2, 0, 1).double()).abs().amax().item() if fits else None
+    if error is None or not error <= 1.5:
+        got = f"an image {error:.1f} grey levels off" if error is not None else f"frames of shape {tuple(back.shape)}"
+        raise ValueError(
+            f"processor's image processor {name} does not lay images out as a Qwen-VL processor does: "
+            f"the layout read from it gives {got} from its pixel_values (expected [3, {height}, {width}] "
+            "within 1.5 grey levels); the pixel_values perturbations need the Qwen-VL layout (Qwen2-VL, "
+            "Qwen2.5-VL, Qwen3-VL and processors that share it); from_processor(..., verify=False) skips this check"
         )
 
 
