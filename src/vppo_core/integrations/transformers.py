@@ -268,6 +268,9 @@ def token_dependency(
     The paper scores tokens with the old (rollout) policy: call this under ``torch.no_grad()`` once per
     rollout batch, and use ``logprobs`` as the old log-probabilities. Called in grad mode instead,
     ``logprobs`` carries the gradient of the current policy, and the same forward feeds the loss.
+    Both passes run in the model's current mode: with dropout active (``model.train()`` and a
+    non-zero dropout; the Qwen-VL configs have none) they draw different masks, and the dependency
+    then measures that noise too, so score in ``model.eval()``.
 
     Shapes:
         - ``perturbed_pixel_values``: the shape of ``inputs["pixel_values"]``
