@@ -483,3 +483,24 @@ def test_streamed_infinite_values_give_the_one_batch_mean():
     for key in ("token/mean", "trajectory/mean", "token/nan_count"):
         assert a[key] == b[key], (key, a[key], b[key])
     assert a["token/mean"] == math.inf and a["token/nan_count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "mean"),
+    [
+        ([1.0, 2.0], [math.inf, 3.0], math.inf),
+        ([math.inf, 3.0], [1.0, 2.0], math.inf),
+        ([math.inf], [-math.inf], math.nan),
+    ],
+)
+def test_an_infinite_part_gives_the_one_batch_mean_in_either_order(first, second, mean):
+    # the pairwise update gave NaN when the infinite mean came first and inf when it came second, so
+    # two ranks summarised in rank order disagreed with one process
+    one, streamed = make(), make()
+    one.update(torch.tensor([first + second]), torch.ones(1, len(first) + len(second)))
+    streamed.update(torch.tensor([first]), torch.ones(1, len(first)))
+    streamed.update(torch.tensor([second]), torch.ones(1, len(second)))
+    a, b = one.summary(prefix=""), streamed.summary(prefix="")
+    for got in (a["token/mean"], b["token/mean"]):
+        assert got == mean or (math.isnan(mean) and math.isnan(got)), (first, second, got)
+    assert math.isnan(a["token/std"]) and math.isnan(b["token/std"])

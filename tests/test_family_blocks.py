@@ -229,13 +229,32 @@ def test_topq_random_tie_break(scope):
     for seed in (0, 0, 1):
         g = torch.Generator().manual_seed(seed)
         got = topq_mask(scores, mask, q=0.3, scope=scope, tie_break="random", generator=g)
-        perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))
-        rank = torch.empty(40, dtype=torch.long)
-        rank[perm] = torch.arange(40)
-        assert torch.equal(got, topq_oracle(scores, mask, 0.3, scope, tie=rank.tolist()))
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))  # the j-th valid token's key
+        assert torch.equal(got, topq_oracle(scores, mask, 0.3, scope, tie=perm.tolist()))
         masks.append(got)
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])  # seeded, and random
     assert bool(masks[2][0, 3])  # the unique maximum is always kept
+
+
+@pytest.mark.parametrize("scope", ["response", "batch"])
+def test_topq_random_tie_break_does_not_depend_on_padding(scope):
+    # the permutation was drawn over every entry, padding included: padding the same responses to
+    # another length (each rank pads to its own longest response) chose other tokens
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([3, 6, 2, 5])
+    mask = torch.arange(6) < lengths[:, None]
+    scores = torch.where(mask, torch.randint(0, 2, (4, 6), generator=g).double(), 0.0)  # many ties
+    got = topq_mask(scores, mask, q=0.3, scope=scope, tie_break="random", generator=torch.Generator().manual_seed(5))
+    wide = torch.nn.functional.pad(scores, (0, 4))
+    wide_mask = torch.nn.functional.pad(mask, (0, 4))
+    again = topq_mask(
+        wide, wide_mask, q=0.3, scope=scope, tie_break="random", generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(again[:, :6], got) and not again[:, 6:].any()
+    keys = torch.randperm(int(mask.sum()), generator=torch.Generator().manual_seed(5))
+    tie = torch.full((4 * 6,), 99, dtype=torch.long)
+    tie[mask.reshape(-1)] = keys
+    assert torch.equal(got, topq_oracle(scores, mask, 0.3, scope, tie=tie.tolist()))
 
 
 def test_topq_equals_existing_masks():

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from vppo_core import family as Fm
+from vppo_core.distributed import loss_denominators
 from vppo_core.factors import group_centred_clamp, median_mad_factors, minmax_normalise
 from vppo_core.selection import topq_mask, topq_threshold
 
@@ -77,3 +78,61 @@ def test_two_ranks_match_one_process(tmp_path):
     # the batch really exercises the statistics
     assert (full["minmax_groups"] > 0).any() and not torch.equal(full["median_mad"], torch.ones(B, dtype=torch.float64))
     assert full["top_threshold"].sum() > full["top_random"].sum()  # ties at the threshold
+
+
+# Ranks pad to their own longest response, and a rank may hold only empty responses ([k, 0]). The
+# random tie-break once drew its permutation over padding too (other tokens than one process chose),
+# topq_threshold gave +inf on a [k, 0] rank, and loss_denominators raised on a rank without
+# micro-batches, leaving the other ranks waiting in the collective.
+
+
+def ragged_batch():
+    mask, scores, _, _, adv, dep, _ = global_batch()
+    mask = mask.clone()
+    mask[BOUNDS[1] :] = False  # rank 1's responses are all empty
+    mask[:, -2:] = False  # rank 0 pads to fewer columns than the global batch
+    return mask, torch.where(mask, scores, 0.0), adv, dep
+
+
+def ragged_compute(mask, scores, adv, dep, *, group=None, micro_batches=None):
+    return {
+        "top_random": topq_mask(
+            scores, mask, q=0.3, scope="batch", tie_break="random",
+            generator=torch.Generator().manual_seed(5), process_group=group,
+        ),
+        "threshold": topq_threshold(scores, mask, q=0.3, scope="batch", process_group=group),
+        "tor": Fm.tor_rollout(
+            adv, scores, dep, mask, generator=torch.Generator().manual_seed(7), process_group=group
+        ).token_mask,
+        "num_tokens": loss_denominators(
+            [mask[mb] for mb in micro_batches], process_group=group, gradient_reduction="sum"
+        ).num_tokens,
+    }  # fmt: skip
+
+
+def _ragged_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    with gloo_group(rank, world, init_file):
+        mask, scores, adv, dep = (t[BOUNDS[rank] : BOUNDS[rank + 1]] for t in ragged_batch())
+        width = int(torch.where(mask, torch.arange(T) + 1, 0).amax()) if mask.any() else 0
+        micro = [slice(0, 4), slice(4, None)] if mask.any() else []  # rank 1: no micro-batch at all
+        out = ragged_compute(
+            mask[:, :width], scores[:, :width], adv, dep[:, :width], group="world", micro_batches=micro
+        )
+        out["width"] = width
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ranks_padded_to_their_own_length_match_one_process(tmp_path):
+    mp.spawn(_ragged_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    full = ragged_compute(*ragged_batch(), micro_batches=[slice(None)])
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert shards[0]["width"] < T and shards[1]["width"] == 0
+    for key in ("top_random", "tor"):
+        got = torch.zeros(B, T, dtype=full[key].dtype)
+        for r, s in enumerate(shards):
+            got[BOUNDS[r] : BOUNDS[r + 1], : s["width"]] = s[key]
+        assert torch.equal(got, full[key]), key
+    torch.testing.assert_close(torch.cat([s["threshold"] for s in shards]), full["threshold"], rtol=0, atol=0)
+    assert torch.isfinite(full["threshold"]).all()
+    assert all(s["num_tokens"] == full["num_tokens"] for s in shards)

@@ -102,10 +102,10 @@ def test_tor_two_stages_equal_formula():
 
     replay = torch.Generator().manual_seed(7)  # the two selections draw one permutation each, in order
     ranks = []
-    for _ in range(2):
-        perm = torch.randperm(B * T, generator=replay)
-        rank = torch.empty(B * T, dtype=torch.long)
-        rank[perm] = torch.arange(B * T)
+    for _ in range(2):  # the j-th valid token (flat order) gets key perm[j]; padding last
+        perm = torch.randperm(int(mask.sum()), generator=replay)
+        rank = torch.full((B * T,), B * T, dtype=torch.long)
+        rank[mask.reshape(-1)] = perm
         ranks.append(rank.tolist())
     reasoning = batch_top(entropy, mask, 0.3, ranks[0])
     percep = batch_top(perception, mask, 0.3, ranks[1])

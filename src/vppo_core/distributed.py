@@ -91,6 +91,19 @@ def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
     return torch.cat([p[:n] for p, n in zip(parts, counts)]), offset
 
 
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a collective of ``group`` runs on, for a rank that holds no tensor to take it from."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    raise ValueError(
+        f"response_mask is an empty sequence on this rank and the {backend!r} backend's device is unknown; "
+        "pass an empty [0, seq] mask on the collective's device instead"
+    )
+
+
 class LossDenominators(NamedTuple):
     """Global counts to pass to `vppo_core.vppo_loss` / `vppo_core.aggregate`.
 
@@ -134,7 +147,9 @@ def loss_denominators(
           micro-batches of one optimisation step)
 
     Args:
-        response_mask: This rank's valid tokens for the whole optimisation step.
+        response_mask: This rank's valid tokens for the whole optimisation step. With a
+            ``process_group``, a rank without micro-batches may pass an empty sequence (it counts
+            0 and still joins the collective: a rank that raised would leave the others waiting).
         token_mask: This rank's kept tokens (TGF), for ``num_kept_tokens``; ``None`` counts all valid.
             Float (or integer) token weights are summed over the valid tokens instead of counted.
         process_group: Group to sum over (``"world"`` for the default group); ``None`` for no
@@ -168,7 +183,7 @@ def loss_denominators(
             raise ValueError(
                 f"token_mask must have one tensor per response_mask micro-batch ({len(masks)}), got {len(keeps)}"
             )
-    if not masks:
+    if not masks and group is None:
         raise ValueError("response_mask must hold at least one micro-batch, got an empty sequence")
     single = isinstance(response_mask, Tensor)
     for i, (mask, keep) in enumerate(zip(masks, keeps)):
@@ -179,7 +194,7 @@ def loss_denominators(
         if keep is not None and (not isinstance(keep, Tensor) or keep.shape != mask.shape):
             got = f"shape {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
             raise ValueError(f"token_mask{at} must have response_mask{at}'s shape {tuple(mask.shape)}, got {got}")
-    counts = torch.zeros(3, dtype=torch.float32, device=masks[0].device)
+    counts = torch.zeros(3, dtype=torch.float32, device=masks[0].device if masks else _group_device(group))
     for mask, keep in zip(masks, keeps):
         valid = as_bool_mask(mask)
         if keep is None:

@@ -9,7 +9,8 @@ One vocabulary across the family:
 - ``exact=True`` keeps exactly $\lceil qN\rceil$ tokens (at least one when $N \ge 1$;
   ``rounding="floor"`` gives $\max(1, \lfloor qN\rfloor)$, VGPO's rule), ties broken by position
   (``tie_break="position"``: lower rank, then lower row, then lower position first) or at random
-  with an explicit ``torch.Generator`` (``tie_break="random"``). ``exact=False`` is the threshold
+  with an explicit ``torch.Generator`` (``tie_break="random"``: one permutation of the valid tokens,
+  whatever the padding; it reads their count on the host). ``exact=False`` is the threshold
   rule: every token at or above the count-th largest value is kept (ties all kept).
 - NaN scores rank above every number and are kept first (so a NaN reaches the loss instead of being
   silently dropped, as in [`topk_token_mask`][vppo_core.topk_token_mask]); padding is never kept.
@@ -123,13 +124,18 @@ def _sorted(pooled: _Pooled, tie_break: str, generator: torch.Generator | None) 
     """Order of the flat entries by (segment, valid first, score descending, tie key); segment starts and counts.
 
     Successive stable sorts, least significant key first. The tie key is the flat position (lower
-    rank, row, position first) or a random permutation drawn from ``generator``.
+    rank, row, position first) or, for ``"random"``, ``randperm(N)[j]`` for the ``j``-th of the ``N``
+    valid tokens in flat order: drawn over the valid tokens only, so that it does not depend on how
+    far the rows are padded (each rank pads to its own length). Reading ``N`` is one host sync.
     """
     values, valid, seg = pooled.values, pooled.valid, pooled.seg
     n = values.shape[0]
     if tie_break == "random":
         assert generator is not None
-        order = torch.randperm(n, generator=generator, device=generator.device).to(values.device)
+        n_valid = int(valid.sum())
+        perm = torch.randperm(n_valid, generator=generator, device=generator.device).to(values.device)
+        key = torch.full((n,), n_valid, dtype=torch.long, device=values.device).masked_scatter(valid, perm)
+        order = torch.argsort(key, stable=True)
     else:
         order = torch.arange(n, device=values.device)
     order = order[torch.argsort(values[order], descending=True, stable=True)]
@@ -183,8 +189,9 @@ def topq_mask(
         exact: Exact count (``True``) or threshold rule (``False``).
         rounding: ``"ceil"`` or ``"floor"`` (both at least 1).
         tie_break: ``"position"`` or ``"random"`` (needs ``generator``; only matters with ``exact``).
-        generator: Source of the random tie-break. With ``process_group`` every rank must pass a
-            generator in the same state (the permutation is drawn over the global batch).
+        generator: Source of the random tie-break: one ``randperm`` of the valid tokens (in rank,
+            row, position order), so padding does not change it. With ``process_group`` every rank
+            must pass a generator in the same state (the permutation is drawn over the global batch).
         micro_batch_ids: With ``scope="micro-batch"``: rows with equal ids form one micro-batch
             (``None``: the whole tensor is one).
         process_group: With ``scope="batch"``: pool over every rank of this group (``"world"`` for
@@ -286,5 +293,9 @@ def topq_threshold(
     _check(q, scope, rounding, "position", None, process_group, micro_batch_ids)
     pooled = _Pooled(scores, response_mask, scope, micro_batch_ids, process_group)
     order, start, n_valid = _sorted(pooled, "position", None)
-    per_entry = _thresholds(pooled, order, start, kept_count(n_valid, q, rounding))[pooled.seg]
-    return pooled.local(per_entry)[:, 0] if scores.shape[1] else scores.new_full((scores.shape[0],), float("inf"))
+    per_segment = _thresholds(pooled, order, start, kept_count(n_valid, q, rounding))
+    if scores.shape[1]:
+        return pooled.local(per_segment[pooled.seg])[:, 0]
+    if scope == "batch" and per_segment.numel():  # no local column, but the other ranks' tokens set it
+        return per_segment[0].expand(scores.shape[0]).clone()
+    return pooled.values.new_full((scores.shape[0],), float("inf"))

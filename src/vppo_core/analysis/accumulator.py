@@ -92,14 +92,20 @@ def _combine_moments(
     r"""Mean and sum of squared deviations of two parts (Chan, Golub & LeVeque 1979, the pairwise update).
 
     $\bar x = \bar x_a + \delta\, n_b / n$ and $M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n$ with
-    $\delta = \bar x_b - \bar x_a$, $n = n_a + n_b$; an empty part leaves the other unchanged.
+    $\delta = \bar x_b - \bar x_a$, $n = n_a + n_b$; an empty part leaves the other unchanged. A
+    part with an infinite (or NaN) mean gives what one batch of both gives, whatever the order:
+    $\bar x_a + \bar x_b$ (inf, or NaN for $\infty - \infty$) and $M_2$ NaN. (The update itself
+    gave NaN for $\bar x_a = \infty$ but $\infty$ for $\bar x_b = \infty$.)
     """
     n = n_a + n_b
     w = n_b / n.clamp_min(1)
-    delta = torch.where(mean_a == mean_b, 0.0, mean_b - mean_a)  # equal infinite means: 0, not inf - inf
+    finite = mean_a.isfinite() & mean_b.isfinite()
+    delta = torch.where(finite, mean_b - mean_a, 0.0)
     either_empty = (n_a == 0) | (n_b == 0)
-    mean = torch.where(n_b == 0, mean_a, torch.where(n_a == 0, mean_b, mean_a + delta * w))
-    m2 = torch.where(either_empty, m2_a + m2_b, m2_a + m2_b + delta.square() * n_a * w)
+    both = torch.where(finite, mean_a + delta * w, mean_a + mean_b)
+    mean = torch.where(n_b == 0, mean_a, torch.where(n_a == 0, mean_b, both))
+    m2_both = torch.where(finite, m2_a + m2_b + delta.square() * n_a * w, float("nan"))
+    m2 = torch.where(either_empty, m2_a + m2_b, m2_both)
     return mean, m2
 
 
