@@ -68,3 +68,36 @@ def test_dynamic_compile_keeps_one_graph_for_new_temperatures_and_sizes(backend)
     assert counter.frame_count == warm + (2 if torch._dynamo.config.specialize_float else 0), counter.frame_count
     with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -1\.0"):
         step(x, y, -1.0)  # the eager call still checks
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_with_coefficients_that_change_between_calls():
+    """A coefficient schedule (PAPO's gamma, ToR's weights, an analysis level) makes Dynamo trace the
+    float symbolically from its second value on; checks written with ``math.isfinite`` then raised
+    ``Unsupported`` under fullgraph. The scalar checks step aside while tracing, and run eagerly."""
+    from vppo_core.analysis import group_spread
+    from vppo_core.selection import priority_weights
+    from vppo_core.signals import top_p_entropy
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    B, T, V_ = 4, 6, 16
+    lp = (-torch.rand(B, T, generator=g)).requires_grad_()
+    old, masked = lp.detach() - 0.1, lp.detach() - torch.rand(B, T, generator=g)
+    adv, mask = torch.randn(B, generator=g), torch.rand(B, T, generator=g) < 0.8
+    logits = torch.randn(B, T, V_, generator=g)
+    first, second = torch.rand(B, T, generator=g) < 0.3, torch.rand(B, T, generator=g) < 0.3
+
+    def step(coef):
+        loss = V.sampled_perception_loss(lp, masked, mask, gamma=coef).loss
+        w = priority_weights([first, second], [1.0, coef], mask, default=0.0)
+        h = top_p_entropy(logits, mask, top_p=0.5 + coef)
+        spread = group_spread(h.detach(), mask, torch.arange(B) // 2, eps=coef)
+        return loss + (w * old).sum() + V.vppo_loss(lp, old, adv, mask).loss, h, spread.ratio
+
+    compiled = torch.compile(step, fullgraph=True)
+    for coef in (0.01, 0.02, 0.03):
+        for got, want in zip(compiled(coef), step(coef)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    with pytest.raises(ValueError, match=r"gamma must be a finite number, got nan"):
+        step(float("nan"))  # eager still checks

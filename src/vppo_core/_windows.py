@@ -6,14 +6,13 @@ gives its weight). Masks carry
 no gradient; padding is never kept.
 """
 
-import math
 from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Integer, Shaped
 from torch import Tensor
 
-from ._checks import as_bool_mask, check_fraction, check_same_device, typechecked
+from ._checks import as_bool_mask, check_fraction, check_number, check_same_device, typechecked
 
 __all__ = ["priority_weights", "span_mask", "tail_window_mask"]
 
@@ -180,12 +179,10 @@ def priority_weights(
             f"priority_weights needs one weight per mask, got {len(masks)} masks and {len(weights)} weights"
         )
     for i, w in enumerate([*weights, default]):
-        if not math.isfinite(w):
-            name = f"weights[{i}]" if i < len(weights) else "default"
-            raise ValueError(f"{name} must be a finite number, got {w!r}")
+        check_number(f"weights[{i}]" if i < len(weights) else "default", w)
     valid = as_bool_mask(response_mask)
-    out = torch.full(valid.shape, float(default), dtype=torch.float32, device=valid.device)
+    out = torch.full(valid.shape, default, dtype=torch.float32, device=valid.device)
     for mask, w in zip(reversed(masks), reversed(weights)):  # lowest priority first, overwritten by higher ones
         check_same_device(mask=mask, response_mask=response_mask)
-        out = torch.where(as_bool_mask(mask, "masks"), float(w), out)
+        out = torch.where(as_bool_mask(mask, "masks"), w, out)
     return torch.where(valid, out, 0.0)

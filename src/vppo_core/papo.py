@@ -15,14 +15,13 @@ averaged over valid response tokens only, with [`aggregate`][vppo_core.aggregate
 averages over padding too; this does not).
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from ._checks import as_bool_mask, check_same_device, result_dtype, typechecked
+from ._checks import as_bool_mask, check_number, check_same_device, result_dtype, typechecked
 from .dependency import visual_dependency
 from .loss import Aggregation, aggregate, kl_penalty
 
@@ -50,8 +49,7 @@ class DoubleEntropyTerm(NamedTuple):
 
 
 def _check_coef(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    check_number(name, value)  # skipped while torch.compile traces (the value may be symbolic)
 
 
 @typechecked

@@ -5,14 +5,13 @@ sparsity statistics are in `._stats`, whose conventions (detached inputs, paddin
 host sync) hold here too.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Integer, Shaped
 from torch import Tensor
 
-from .._checks import check_same_device, typechecked
+from .._checks import check_number, check_same_device, typechecked
 from .._segments import dense_ids, segment_amax, segment_amin, segment_sum
 from ._stats import prepare
 
@@ -94,8 +93,7 @@ def group_spread(
         >>> spread.ratio
         tensor([1.4000, 4.0000,    nan,    nan])
     """
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps, low=0.0)
     check_same_device(dependency=dependency, response_mask=response_mask, group_ids=group_ids)
     dep, valid, n, _ = prepare(dependency, response_mask)
     # The mean over valid tokens, padding never read (NaN at a valid token gives NaN).

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from .._checks import as_bool_mask, check_fraction, check_same_device, result_dtype, typechecked
+from .._checks import _tracing, as_bool_mask, check_fraction, check_same_device, result_dtype, typechecked
 from ..masking import num_kept_tokens
 
 __all__ = ["fraction_above", "gini", "top_share", "trajectory_quantiles"]
@@ -37,7 +37,7 @@ def levels(name: str, values: float | Sequence[float]) -> tuple[tuple[float, ...
         raise ValueError(f"{name} must be a float or a non-empty sequence of floats, got {values!r}")
     out = []
     for v in seq:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (_tracing() or math.isfinite(v)):
             raise ValueError(f"every value of {name} must be a finite float, got {v!r} in {values!r}")
         out.append(float(v))
     return tuple(out), scalar

@@ -1,6 +1,5 @@
 """Full-vocabulary signals: the Jensen-Shannon and Hellinger divergences, the entropy gap and top-p entropy."""
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -8,7 +7,7 @@ from jaxtyping import Float, Shaped
 from torch import Tensor
 
 from .. import _vocab
-from .._checks import check_positive, check_same_device, typechecked
+from .._checks import check_fraction, check_positive, check_same_device, typechecked
 from ..dependency import _logit_pair, visual_dependency
 from ..entropy import token_entropy
 from ._common import _check_logits, _masked
@@ -233,8 +232,7 @@ def top_p_entropy(
         >>> top_p_entropy(logits, top_p=0.9)  # nucleus {0.5, 0.3, 0.15}; the second row's is one token
         tensor([0.9933, 0.0000])
     """
-    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_fraction("top_p", top_p)
     check_positive("temperature", temperature)
     _check_logits("logits", logits)
     check_same_device(logits=logits, response_mask=response_mask)
