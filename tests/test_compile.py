@@ -101,3 +101,19 @@ def test_fullgraph_compile_with_coefficients_that_change_between_calls():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
     with pytest.raises(ValueError, match=r"gamma must be a finite number, got nan"):
         step(float("nan"))  # eager still checks
+
+
+@pytest.mark.slow
+def test_fullgraph_compile_of_the_torch_backend_on_sliced_logits():
+    """``logits[:, :-1]`` does not flatten to rows; the chunked eager backend tried ``view`` inside a
+    ``try``, which Dynamo cannot trace (``TorchRuntimeError`` under compile, fullgraph or not)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 7, 50, generator=g), torch.randn(3, 7, 50, generator=g)
+
+    def step(x, y):
+        xs, ys = x[:, :-1], y[:, :-1]
+        return V.visual_dependency(xs, ys, backend="torch"), V.token_entropy(xs, backend="torch")
+
+    for got, want in zip(torch.compile(step, fullgraph=True)(x, y), step(x, y)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

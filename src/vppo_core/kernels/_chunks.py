@@ -27,11 +27,14 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def flatten_if_free(t: Tensor) -> Tensor:
-    """``[B, S, V]`` -> ``[1, B*S, V]`` when that is a view (longer chunks, fewer Python steps)."""
-    try:
+    """``[B, S, V]`` -> ``[1, B*S, V]`` when that is a view (longer chunks, fewer Python steps).
+
+    Decided from the strides, not by trying ``view``: Dynamo cannot trace an ``except RuntimeError``,
+    so sliced logits (``logits[:, :-1]``) failed inside a caller's ``torch.compile``.
+    """
+    if t.shape[0] == 1 or t.shape[1] == 1 or t.stride(0) == t.shape[1] * t.stride(1):
         return t.view(1, -1, t.shape[-1])
-    except RuntimeError:
-        return t
+    return t
 
 
 def row_chunks(shape: torch.Size, chunk_rows: int) -> Iterator[tuple[int, slice]]:
