@@ -197,6 +197,8 @@ def test_vppo_sync_trainer_glue_with_verl_and_a_fake_transfer_queue(monkeypatch)
     seen = []
 
     def compute_log_prob(meta):  # log pi(o_t) = -0.01 t - mean(relu(pixels)): depends on the image
+        # verl's engine reads the temperature from every micro-batch (a KeyError without it)
+        assert meta.extra_info.get("temperature") == 0.7, meta.extra_info
         data = fake.kv_batch_get(meta.keys, meta.partition_id, ["input_ids", "multi_modal_inputs"])
         images = tu.get(data, "multi_modal_inputs")
         seen.append([m["pixel_values"] for m in images])
@@ -226,7 +228,7 @@ def test_vppo_sync_trainer_glue_with_verl_and_a_fake_transfer_queue(monkeypatch)
             },
             "actor_rollout_ref": {
                 "actor": {"loss_agg_mode": "token-mean", "loss_scale_factor": None},
-                "rollout": {"calculate_log_probs": False, "temperature": 1.0, "n": 2},
+                "rollout": {"calculate_log_probs": False, "temperature": 0.7, "n": 2},
             },
         }
     )
@@ -250,3 +252,25 @@ def test_vppo_sync_trainer_glue_with_verl_and_a_fake_transfer_queue(monkeypatch)
     assert bool((out["advantages"][~keep] == 0).all()) and bool((out["advantages"][keep] != 0).all())
     assert metrics["vppo/kept_frac"] == pytest.approx(float(keep.sum() / mask.sum()))
     assert metrics["vppo/tas_factor_mean"] == pytest.approx(1.0) and metrics["vppo/tas_factor_min"] >= 0.9 - 1e-6
+
+
+def test_vppo_sync_trainer_runs_as_verl_sync_mode(monkeypatch):
+    """verl finds the class by its name "vppo_sync", then compares trainer_mode with "sync" (replay
+    buffer, batch size, TransferQueue checkpoints); under the name it took the asynchronous paths."""
+    pytest.importorskip("transfer_queue")
+    pytest.importorskip("verl.trainer.ppo.v1.trainer_base")
+    from omegaconf import OmegaConf
+
+    seen = []
+    monkeypatch.setattr(
+        recipe.PPOTrainerSync, "__init__", lambda self, config: seen.append(config.trainer.v1.trainer_mode)
+    )
+    config = OmegaConf.create({"trainer": {"v1": {"trainer_mode": "vppo_sync"}}})
+    OmegaConf.set_struct(config, True)  # as Hydra hands it over
+    recipe.VPPOTrainerSync(config)
+    assert seen == ["sync"]
+    bypass = OmegaConf.create(
+        {"trainer": {"v1": {"trainer_mode": "vppo_sync"}}, "algorithm": {"rollout_correction": {"bypass_mode": True}}}
+    )
+    with pytest.raises(ValueError, match="bypass_mode=True takes the rollout engine's log-probabilities"):
+        recipe.VPPOTrainerSync(bypass)

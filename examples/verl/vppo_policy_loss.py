@@ -56,6 +56,7 @@ except ImportError:  # the pure functions below work without verl
 
 try:
     import transfer_queue as tq
+    from omegaconf import open_dict
     from tensordict import TensorDict
     from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
     from verl.utils import tensordict_utils as tu
@@ -291,6 +292,21 @@ if HAS_VERL_V1:
         ``vppo/dependency_mean`` and ``vppo/tas_factor_{min,mean,max}``.
         """
 
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            correction = (config.get("algorithm") or {}).get("rollout_correction") or {}
+            if correction.get("bypass_mode", False):
+                raise ValueError(
+                    "algorithm.rollout_correction.bypass_mode=True takes the rollout engine's log-probabilities "
+                    "as the old ones, so VPPO's dependency would compare the rollout engine (real image) with "
+                    "the trainer's engine (perturbed image) and count their numerical difference as visual "
+                    "dependency; run vppo_sync without bypass mode"
+                )
+            # verl selects this class by the name "vppo_sync", then compares trainer_mode with "sync"
+            # for its synchronous replay buffer, batch size and checkpointing: run as "sync"
+            with open_dict(config):
+                config.trainer.v1.trainer_mode = "sync"
+            super().__init__(config, *args, **kwargs)
+
         def _vppo(self, name: str, default: Any) -> Any:
             return (self.config.algorithm.get("vppo") or {}).get(name, default)
 
@@ -306,7 +322,15 @@ if HAS_VERL_V1:
             )
             tq.kv_batch_put(**where, fields=tu.get_tensordict({"multi_modal_inputs": perturbed}))
             try:
-                batch.extra_info.update({"calculate_entropy": False, "compute_loss": False})
+                # TransferQueue's put returns metadata without extra_info: the sampling temperature
+                # verl set for the first pass must be given again (the engine reads it per micro-batch)
+                batch.extra_info.update(
+                    {
+                        "calculate_entropy": False,
+                        "compute_loss": False,
+                        "temperature": self.config.actor_rollout_ref.rollout.temperature,
+                    }
+                )
                 self.actor_rollout_wg.compute_log_prob(batch)  # rollout policy, perturbed images
                 data = tq.kv_batch_get(**where, select_fields=["log_probs", "old_log_probs", "response_mask"])
             finally:
