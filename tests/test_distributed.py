@@ -238,6 +238,22 @@ def test_loss_denominators_shape_errors():
         loss_denominators([mask], [[1, 0, 1]])
 
 
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo", "cpu:gloo,cuda:gloo", "mpi", "cpu:gloo,cuda:nccl", "hccl"])
+def test_empty_rank_counts_go_where_the_backend_reduces(backend, monkeypatch):
+    # get_backend names one backend or one per device ("cpu:gloo"); an exact match on "gloo" refused
+    # an ordinary gloo group, so the rank without micro-batches raised and left the others waiting
+    from vppo_core import distributed
+
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: backend)
+    device = distributed._group_device(None)
+    host_only = backend in ("gloo", "cpu:gloo", "cpu:gloo,cuda:gloo", "mpi")
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    if host_only or not accelerator:  # on a machine without an accelerator, every backend reduces on the host
+        assert device == torch.device("cpu")
+    else:
+        assert device.type != "cpu"
+
+
 def test_process_group_errors():
     mask = torch.ones(2, 3)
     with pytest.raises(ValueError, match=r"needs torch\.distributed to be initialised"):

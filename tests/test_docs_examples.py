@@ -13,19 +13,19 @@ Stand-ins, where a page needs what the test machine lacks:
     - ``docs/trainers.md`` builds a ``GRPOConfig`` with TRL's defaults, which ask for bf16 on a GPU;
       on a machine without one, ``bf16=False, use_cpu=True`` are added (the only change), and the
       trainer really trains the tiny Qwen2-VL of ``examples/trl_vppo.py``.
-    - ``docs/analysis.md``'s TensorBoard and W&B blocks use the real packages when installed;
-      otherwise minimal stand-ins that enforce those APIs' documented checks (TensorBoard: as many
-      bucket limits as counts; W&B: ``len(bins) == len(counts) + 1``, at most 512 bins) and record
-      what was logged.
+    - ``docs/analysis.md``'s TensorBoard and W&B blocks run against minimal stand-ins (whether or
+      not the packages are installed) that enforce those APIs' documented checks (TensorBoard: as
+      many bucket limits as counts; W&B: ``len(bins) == len(counts) + 1``, at most 512 bins) and
+      record what was logged, which the test then checks.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import runpy
 import sys
+import textwrap
 import types
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,11 @@ BATCH, SEQ, VOCAB, GROUP = 16, 12, 40, 4  # 4 prompts x 4 responses; 8 per rank 
 
 
 def python_blocks(page: str) -> list[str]:
-    """The ```` ```python ```` blocks of a Markdown page, in order."""
-    return re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), flags=re.S | re.M)
+    """The ```` ```python ```` blocks of a Markdown page, in order, indented ones (in a list item) dedented."""
+    fences = re.finditer(
+        r"^(?P<indent>[ \t]*)```python\n(?P<body>.*?)^(?P=indent)```", (ROOT / page).read_text(), re.S | re.M
+    )
+    return [textwrap.dedent(m["body"]) for m in fences]
 
 
 def run_blocks(page: str, namespace: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +70,8 @@ def test_every_page_with_python_examples_is_run():
     pages = [str(p.relative_to(ROOT)) for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
     with_code = {page for page in pages if python_blocks(page)}
     assert with_code == set(PAGES), f"pages with python blocks {sorted(with_code)} != PAGES {sorted(PAGES)}"
+    for page in PAGES:  # every fence is found, indented or not
+        assert len(python_blocks(page)) == (ROOT / page).read_text().count("```python"), page
 
 
 # --- the toy batch: what the reader's own loop would hold -----------------------------------------
@@ -175,6 +180,15 @@ def _usage_checks(ns: dict[str, Any], full: dict[str, Any], rows: slice) -> None
     assert all(v.dim() == 0 and not v.requires_grad for v in ns["logged"][0].values())
 
 
+def _family_names(ns: dict[str, Any]) -> None:
+    """The PAPO fragment's names: logits with gradient, the masked view, gamma, a count, a policy loss."""
+    ns["logits_img"] = ns["logits_img"].clone().requires_grad_()
+    ns["logits_masked"] = ns["logits_noimg"]
+    ns["gamma"], ns["n"] = 0.02, ns["response_mask"].sum()
+    adv = V.grpo_advantages(ns["rewards"], ns["group_ids"])
+    ns["policy"] = V.vppo_loss(ns["logprobs"], ns["old_logprobs"], adv, ns["response_mask"])
+
+
 def _family_checks(ns: dict[str, Any], full: dict[str, Any], rows: slice) -> None:
     # The threshold is pooled over ranks: the same tokens as one process on the whole batch.
     entropy = V.token_entropy(full["old_logits"], full["response_mask"])
@@ -184,6 +198,13 @@ def _family_checks(ns: dict[str, Any], full: dict[str, Any], rows: slice) -> Non
     assert ns["den"].num_kept_tokens.item() == whole.token_mask.sum().item() / WORLD  # DDP averages
     grad = ns["logprobs"].grad
     assert grad is not None and torch.isfinite(grad).all() and (grad[~ns["batch"].token_mask] == 0).all()
+    # the PAPO fragment: the KL and both entropies from one kernel, with gradient to the logits
+    mask = ns["response_mask"]
+    kl = V.visual_dependency(ns["logits_img"].detach(), ns["logits_masked"], mask)
+    torch.testing.assert_close(ns["terms"].dependency, kl, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(ns["loss"])
+    (g,) = torch.autograd.grad(ns["loss"], ns["logits_img"])
+    assert torch.isfinite(g).all() and (g[~mask] == 0).all() and (g[mask] != 0).any()
 
 
 def _record_block_3(page: str, ns: dict[str, Any]) -> None:
@@ -205,6 +226,7 @@ def _world_worker(rank: int, world: int, init_file: str, page: str) -> None:
             _record_block_3(page, ns)
             _usage_checks(ns, full, rows)
         else:
+            _family_names(ns)
             run_blocks(page, ns)
             _family_checks(ns, full, rows)
 
@@ -246,25 +268,20 @@ class _FakeWandbHistogram:
 
 
 def _stand_ins(monkeypatch) -> dict[str, Any]:
-    """Stand-ins for TensorBoard and W&B where they are not installed; the records of what was logged."""
+    """Stand-ins for TensorBoard and W&B (installed or not), and the records of what was logged."""
     record: dict[str, Any] = {"writers": [], "wandb": []}
-    if importlib.util.find_spec("tensorboard") is None:
-        module = types.ModuleType("torch.utils.tensorboard")
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
 
-        def writer(log_dir: str) -> _FakeSummaryWriter:
-            record["writers"].append(_FakeSummaryWriter(log_dir))
-            return record["writers"][-1]
+    def writer(log_dir: str) -> _FakeSummaryWriter:
+        record["writers"].append(_FakeSummaryWriter(log_dir))
+        return record["writers"][-1]
 
-        module.SummaryWriter = writer
-        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
-    if importlib.util.find_spec("wandb") is None:
-        module = types.ModuleType("wandb")
-        module.Histogram = _FakeWandbHistogram
-        module.log = lambda data, step=None: record["wandb"].append((data, step))
-        monkeypatch.setitem(sys.modules, "wandb", module)
-    else:  # a real W&B logs only inside a run: the reader's wandb.init(), here offline and discarded
-        wandb = pytest.importorskip("wandb")
-        wandb.init(mode="disabled")
+    tensorboard.SummaryWriter = writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    wandb = types.ModuleType("wandb")
+    wandb.Histogram = _FakeWandbHistogram
+    wandb.log = lambda data, step=None: record["wandb"].append((data, step))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     return record
 
 
@@ -280,18 +297,17 @@ def test_analysis_page(tmp_path, monkeypatch):
     assert stats["dependency/token/count"] == 3 * int(mask.sum())  # three updates of the same batch
     rows = (tmp_path / "dependency.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[0].split(",")[0] == "step"
-    if record["writers"]:
-        (writer,) = record["writers"]
-        assert writer.scalars.keys() == stats.keys()
-        (hist,) = writer.histograms
-        assert sum(hist["bucket_counts"]) == hist["num"] == stats["dependency/token/count"]
-        values = ns["dependency"][mask].double().repeat(3)
-        assert math.isclose(hist["sum"], values.sum().item(), rel_tol=1e-9)
-        assert math.isclose(hist["sum_squares"], values.square().sum().item(), rel_tol=1e-9)
-        assert hist["bucket_limits"] == sorted(hist["bucket_limits"])
-    if record["wandb"]:
-        ((data, step),) = record["wandb"]
-        assert step == 2 and sum(data["dependency/token/histogram"].histogram) == stats["dependency/token/count"]
+    # the stand-ins recorded what the page logged
+    (writer,) = record["writers"]
+    assert writer.scalars.keys() == stats.keys()
+    (hist,) = writer.histograms
+    assert sum(hist["bucket_counts"]) == hist["num"] == stats["dependency/token/count"]
+    values = ns["dependency"][mask].double().repeat(3)
+    assert math.isclose(hist["sum"], values.sum().item(), rel_tol=1e-9)
+    assert math.isclose(hist["sum_squares"], values.square().sum().item(), rel_tol=1e-9)
+    assert hist["bucket_limits"] == sorted(hist["bucket_limits"])
+    ((data, step),) = record["wandb"]
+    assert step == 2 and sum(data["dependency/token/histogram"].histogram) == stats["dependency/token/count"]
 
 
 # --- docs/integration.md and docs/trainers.md: tiny Hugging Face models -----------------------------

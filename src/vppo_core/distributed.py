@@ -92,16 +92,22 @@ def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
-    """The device a collective of ``group`` runs on, for a rank that holds no tensor to take it from."""
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend in ("gloo", "mpi"):
+    """The device for the counts of a rank that holds no mask to take it from.
+
+    ``get_backend`` names one backend (``"gloo"``, ``"nccl"``) or one per device
+    (``"cpu:gloo,cuda:nccl"``): the host for host-only backends (gloo, MPI), else the current
+    accelerator (CUDA for NCCL), else the host.
+    """
+    names = {part.rsplit(":", 1)[-1].strip() for part in str(dist.get_backend(group)).lower().split(",")}
+    if names <= {"gloo", "mpi"}:
         return torch.device("cpu")
-    raise ValueError(
-        f"response_mask is an empty sequence on this rank and the {backend!r} backend's device is unknown; "
-        "pass an empty [0, seq] mask on the collective's device instead"
-    )
+    if "nccl" in names and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: XPU, NPU, ...
+    if accelerator is not None and accelerator.is_available():
+        kind, index = accelerator.current_accelerator().type, getattr(accelerator, "current_device_index", None)
+        return torch.device(kind, index()) if index is not None else torch.device(kind)
+    return torch.device("cpu")
 
 
 class LossDenominators(NamedTuple):
@@ -149,7 +155,10 @@ def loss_denominators(
     Args:
         response_mask: This rank's valid tokens for the whole optimisation step. With a
             ``process_group``, a rank without micro-batches may pass an empty sequence (it counts
-            0 and still joins the collective: a rank that raised would leave the others waiting).
+            0 and still joins the collective: a rank that raised would leave the others waiting);
+            its counts go on the host for a gloo/MPI group, else on the current accelerator (CUDA
+            for NCCL). Where the other ranks hold their masks elsewhere, pass an empty
+            ``[0, seq]`` mask on their device instead.
         token_mask: This rank's kept tokens (TGF), for ``num_kept_tokens``; ``None`` counts all valid.
             Float (or integer) token weights are summed over the valid tokens instead of counted.
         process_group: Group to sum over (``"world"`` for the default group); ``None`` for no

@@ -161,7 +161,9 @@ def counterfactual_attention(model: Any, inputs: Mapping[str, Any], *, k: float 
     the model computes exactly what it did before (nothing else is changed; the registration, a
     name, stays). The attention mask is the one the model builds for its own implementation: a 4-D
     mask (eager, SDPA), or a ``[batch, keys]`` padding mask or none (flash attention), to which the
-    causal mask is added. Only full forward passes of these ``inputs`` are supported (no cache).
+    causal mask is added. Only full forward passes of these ``inputs`` are supported (no cache), on
+    padded batches: a packed (padding-free) batch, whose sequence boundaries live in
+    ``position_ids`` only, would attend across them.
 
     Args:
         model: A ``transformers`` Qwen-VL ``*ForConditionalGeneration`` model.
