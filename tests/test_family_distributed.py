@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import vppo_core as V
 from vppo_core import family as Fm
 from vppo_core.distributed import loss_denominators
+from vppo_core.entropy import high_entropy_mask, high_entropy_threshold
 from vppo_core.factors import group_centred_clamp, median_mad_factors, minmax_normalise
 from vppo_core.selection import topq_mask, topq_threshold
 
@@ -136,3 +138,43 @@ def test_ranks_padded_to_their_own_length_match_one_process(tmp_path):
     torch.testing.assert_close(torch.cat([s["threshold"] for s in shards]), full["threshold"], rtol=0, atol=0)
     assert torch.isfinite(full["threshold"]).all()
     assert all(s["num_tokens"] == full["num_tokens"] for s in shards)
+
+
+# Ranks may hold different float dtypes: a bf16 batch on one, an empty float32 shard on another
+# (torch.zeros(0, T)). Collectives of the rank's own dtype then sent different byte counts, and gloo
+# aborted ("Received data size doesn't match") or a rank read garbage.
+
+
+def mixed_compute(mask, scores, values, groups, *, group=None):
+    valid = mask.any(-1)
+    return {
+        "entropy_mask": high_entropy_mask(scores, mask, rho=0.3, process_group=group),
+        "entropy_threshold": high_entropy_threshold(scores, mask, rho=0.3, process_group=group).float(),
+        "top": topq_mask(scores, mask, q=0.3, scope="batch", process_group=group),
+        "minmax": minmax_normalise(values, valid, process_group=group).float(),
+        "factors": V.advantage_factors(scores, mask, group_ids=groups, process_group=group).float(),
+    }
+
+
+def _mixed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    with gloo_group(rank, world, init_file):
+        mask, scores, values, groups, *_ = global_batch()
+        if rank == 0:  # the whole batch, in bf16
+            out = mixed_compute(mask, scores.bfloat16(), values.bfloat16(), groups, group="world")
+        else:  # nothing, in float32
+            empty = torch.zeros(0, T)
+            out = mixed_compute(empty > 0, empty, torch.zeros(0), groups[:0], group="world")
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_ranks_with_different_float_dtypes_match_one_process(tmp_path):
+    mp.spawn(_mixed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mask, scores, values, groups, *_ = global_batch()
+    full = mixed_compute(mask, scores.bfloat16(), values.bfloat16(), groups)
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, expected in full.items():
+        if key == "entropy_threshold":  # one global value, on every rank
+            assert torch.equal(shards[0][key], expected) and torch.equal(shards[1][key], expected), key
+        else:
+            assert torch.equal(shards[0][key], expected) and shards[1][key].shape[0] == 0, key

@@ -39,13 +39,20 @@ def resolve_group(process_group: ProcessGroupLike) -> dist.ProcessGroup | None:
     return process_group
 
 
+def _wire(t: Tensor) -> Tensor:
+    """A copy of ``t`` for a collective: floating point in float64, so that ranks holding different
+    float dtypes (a bf16 batch here, a float32 empty shard there) send the same number of bytes."""
+    return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
+
+
 def all_reduce(t: Tensor, op: "dist.ReduceOp.RedOpType", group: dist.ProcessGroup | None) -> Tensor:
-    """All-reduce a copy of ``t`` (the argument is left untouched); identity without a group."""
+    """All-reduce a copy of ``t`` (the argument is left untouched; floats travel in float64 and come
+    back in ``t``'s dtype); identity without a group."""
     if group is None:
         return t
-    out = t.clone()
+    out = _wire(t)
     dist.all_reduce(out, op=op, group=group)
-    return out
+    return out.to(t.dtype)
 
 
 def all_reduce_min_max(lo: Tensor, hi: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
@@ -62,18 +69,19 @@ def all_reduce_min_max(lo: Tensor, hi: Tensor, group: dist.ProcessGroup | None) 
     assert lo.dtype == hi.dtype and lo.is_floating_point(), (lo.dtype, hi.dtype)
     n, m = lo.numel(), hi.numel()
     flat_lo, flat_hi = lo.reshape(-1), hi.reshape(-1)
-    packed = torch.cat([-flat_lo, flat_hi, flat_lo.isnan().to(lo.dtype), flat_hi.isnan().to(hi.dtype)])
+    packed = _wire(torch.cat([-flat_lo, flat_hi, flat_lo.isnan().to(lo.dtype), flat_hi.isnan().to(hi.dtype)]))
     dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
     neg_lo, hi_out, lo_nan, hi_nan = packed.split([n, m, n, m])
-    lo_out = torch.where(lo_nan > 0, float("nan"), -neg_lo)
-    hi_out = torch.where(hi_nan > 0, float("nan"), hi_out)
+    lo_out = torch.where(lo_nan > 0, float("nan"), -neg_lo).to(lo.dtype)
+    hi_out = torch.where(hi_nan > 0, float("nan"), hi_out).to(hi.dtype)
     return lo_out.reshape(lo.shape), hi_out.reshape(hi.shape)
 
 
 def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
     """Concatenate every rank's ``t`` along dim 0 (shards may differ in size).
 
-    Returns the global tensor and the offset of this rank's rows in it. Reads the shard sizes on the
+    Returns the global tensor (in ``t``'s dtype; floats travel in float64, so ranks may hold
+    different float dtypes) and the offset of this rank's rows in it. Reads the shard sizes on the
     host (one small collective).
     """
     world = dist.get_world_size(group)
@@ -82,13 +90,14 @@ def all_gather_rows(t: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, int]:
     dist.all_gather(sizes, size, group=group)
     counts = [int(s) for s in torch.cat(sizes).tolist()]
     biggest = max(counts)
-    padded = t.new_zeros((biggest, *t.shape[1:]))
+    wire = _wire(t[:0])
+    padded = wire.new_zeros((biggest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     rank = dist.get_rank(group)
     offset = sum(counts[:rank])
-    return torch.cat([p[:n] for p, n in zip(parts, counts)]), offset
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(t.dtype), offset
 
 
 def _group_device(group: dist.ProcessGroup) -> torch.device:
