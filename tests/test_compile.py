@@ -71,6 +71,36 @@ def test_dynamic_compile_keeps_one_graph_for_new_temperatures_and_sizes(backend)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend",
+    ["auto", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu.available(), reason="no C compiler"))],
+)
+def test_dynamic_compile_of_two_kernels_with_gradients(backend):
+    """Two kernel Functions in one ``torch.compile(dynamic=True)`` graph, differentiated. A module-level
+    float (log2 e) read in their traced code became a SymFloat that Dynamo cached with the proxy of the
+    first Function's subgraph (or of a backward trace it retried), and the next one failed with
+    "lift_tracked_freevar_to_input should not be called on root SubgraphTracer"."""
+    torch._dynamo.reset()
+
+    def step(x, y, t):
+        return (
+            V.token_entropy(x, temperature=t, backend=backend)
+            + V.visual_dependency(x, y, temperature=t, backend=backend)
+        ).sum()
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 5, 300, generator=g), torch.randn(2, 5, 300, generator=g)
+    xc, yc, xe, ye = (t.clone().requires_grad_() for t in (x, y, x, y))
+    got = torch.compile(step, dynamic=True)(xc, yc, 0.7)
+    got.backward()
+    want = step(xe, ye, 0.7)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(yc.grad, ye.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fullgraph_compile_with_coefficients_that_change_between_calls():
     """A coefficient schedule (PAPO's gamma, ToR's weights, an analysis level) makes Dynamo trace the
     float symbolically from its second value on; checks written with ``math.isfinite`` then raised

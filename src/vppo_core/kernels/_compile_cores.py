@@ -35,7 +35,11 @@ from . import _rows, _torch
 from ._chunks import compute_dtype
 
 BLOCK = 4096
-LOG2E = 1.4426950408889634
+# Note on log2(e): the traced code writes it as a literal, never as a module-level float: under a
+# caller's torch.compile(dynamic=True) Dynamo makes such a global a graph input, caches its SymFloat
+# per frame with the proxy of the subgraph that first read it, and a second autograd.Function (or a
+# retried backward trace) reading it fails ("lift_tracked_freevar_to_input should not be called on
+# root SubgraphTracer"). A literal is a constant to Dynamo.
 _NEG_INF = -math.inf
 
 
@@ -65,7 +69,7 @@ def _block_pass(
     Returns ``c = log2(e) / T``, the dtype, and the main and tail statistics.
     """
     acc = compute_dtype(inputs[0])
-    c = (inv_t * LOG2E).to(acc)
+    c = (inv_t * 1.4426950408889634).to(acc)  # log2(e) as a literal (see the note at the top)
     if inputs[0].shape[-1] <= BLOCK:
         return c, acc, block_stats(*(t.to(acc) for t in inputs), c), None
     parts = [_blocks(t) for t in inputs]
@@ -247,7 +251,8 @@ def _probs2(x: Tensor, lse: Tensor, inv_t: Tensor) -> Tensor:
     """``exp(x/T - lse)`` of raw logits ``x`` (compute dtype) and a float64 ``lse``, split as
     `._torch._probs` splits it (exact near the row's top) but in base 2: ``2^{(x - k) c - rest log2 e}``."""
     k, rest = _torch._split(lse.unsqueeze(-1), inv_t, x.dtype)
-    return torch.exp2((x - k) * (inv_t * LOG2E).to(x.dtype) - (rest * LOG2E).to(x.dtype))
+    log2e = 1.4426950408889634  # a literal (see the note on log2(e) at the top)
+    return torch.exp2((x - k) * (inv_t * log2e).to(x.dtype) - (rest * log2e).to(x.dtype))
 
 
 def _jsd_terms(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import _rows, _torch
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # for the custom ops' bodies (run eagerly); traced code writes a literal
 NCOL = 7  # columns of the kernel's per-row output
 MODES = {"kl": 0, "jsd": 0, "hellinger": 1, "entropy": 2, "joint": 3}  # the forward's row statistics
 GRAD_MODES = {"kl": 0, "hellinger": 1, "entropy": 2, "joint": 3, "jsd": 4, "jsd_sums": 5}  # the backward's
@@ -360,7 +360,7 @@ def _probability_constants(lse: Tensor, inv_t: float) -> tuple[Tensor, Tensor, T
     """``(k, r, rest)`` with ``p_j = 2^{(x_j - k) c - r}``, ``c = log2(e)/T`` (`._torch._probs` in base 2),
     and the float64 remainder ``rest = r / log2(e)`` in natural units."""
     k, rest = _split(lse, inv_t)
-    return k, rest * LOG2E, rest
+    return k, rest * 1.4426950408889634, rest  # log2(e): a literal in traced code (_compile_cores' note)
 
 
 def _constants(columns: dict[int, Tensor], like: Tensor) -> Tensor:
