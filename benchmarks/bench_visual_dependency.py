@@ -58,7 +58,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GiB, device, peak_extra_bytes, sync
+from conftest import RUN_ID, GiB, device, peak_extra_bytes, sync
 from vppo_core import (
     kernels,
     token_entropy,
@@ -226,6 +226,7 @@ def _run(
     benchmark.extra_info.update(
         {
             "device": DEV.type,
+            "run": RUN_ID,
             "first_call_s": round(first, 3),
             "input_bytes": nbytes,
             "bytes": traffic,

@@ -135,9 +135,13 @@ def bandwidth() -> dict[str, float]:
     return measure_bandwidth()
 
 
+RUN_ID = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}-{os.getpid()}"
+"""This pytest session, the run: every row records it, so that a verdict never divides the times of two runs."""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _record_machine(request: pytest.FixtureRequest, bandwidth: dict[str, float]) -> None:
-    info = {**machine(), **{k: round(v, 2) for k, v in bandwidth.items()}}
+    info = {**machine(), **{k: round(v, 2) for k, v in bandwidth.items()}, "run": RUN_ID}
     request.config._vppo_machine = info  # type: ignore[attr-defined]
 
 
@@ -156,9 +160,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not done_file or not Path(done_file).exists():
         return
     done = {b["name"] for b in json.loads(Path(done_file).read_text())["benchmarks"]}
+    # Resume by whole groups (one test function at one size and dtype): a group with any row missing
+    # is measured again entirely, so that the rows a target compares come from one run.
+    groups: dict[tuple[str, ...], list[pytest.Item]] = {}
     for item in items:
-        if item.name in done:
-            item.add_marker(pytest.mark.skip(reason=f"already measured in {done_file}"))
+        groups.setdefault(_group_key(item), []).append(item)
+    for members in groups.values():
+        if all(item.name in done for item in members):
+            for item in members:
+                item.add_marker(pytest.mark.skip(reason=f"already measured in {done_file}"))
+
+
+def _group_key(item: pytest.Item) -> tuple[str, ...]:
+    """The test function and its parameters other than the provider."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.originalname, *(f"{k}={v}" for k, v in sorted(params.items()) if k != "provider"))
 
 
 @pytest.fixture(autouse=True)

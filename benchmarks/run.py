@@ -3,13 +3,15 @@
     python benchmarks/run.py                      # this machine's device; then render RESULTS.md
     python benchmarks/run.py --tokens 512,2048    # fewer sizes
     python benchmarks/run.py --budget 420 --resume  # start no benchmark after 7 min; keep earlier
-                                                    # results, run only what is missing
+                                                    # results, run the groups with a row missing
     python benchmarks/run.py --render-only        # re-render from the saved JSON files
 
 Raw pytest-benchmark JSON is kept per device in ``benchmarks/results/{cpu,cuda}.json``, so a GPU run
 adds its section without discarding the CPU numbers (and vice versa). With ``--resume`` a run adds
 its rows to that file (replacing rows of the same name) and records its machine beside the earlier
-runs'; each row keeps the bandwidth measured in its own run. Timings on a shared machine are noisy:
+runs'; each row keeps the bandwidth measured in its own run, and its run id. A resumed run measures
+every group (a test at one size and dtype) with a row missing again in full, and a target that
+compares two rows is judged only when both come from one run. Timings on a shared machine are noisy:
 the load average at the start and end of each run is recorded beside them.
 """
 
@@ -187,11 +189,28 @@ def targets_gpu(data: dict[str, Any]) -> list[str]:
                 lines.append(f"| auto faster than log_softmax + LigerKLDIVLoss ({what}), {size} | not measured | – |")
                 continue
             speed = other["stats"]["min"] / fwd["stats"]["min"]
+            if not _one_run(data, other, fwd):
+                lines.append(
+                    f"| auto faster than log_softmax + LigerKLDIVLoss ({what}), {size} | {DIFFERENT_RUNS} | – |"
+                )
+                continue
             lines.append(
                 f"| auto faster than log_softmax + LigerKLDIVLoss ({what}), {size} | {speed:.1f}× "
                 f"({_ms(other['stats']['min'])} → {_ms(fwd['stats']['min'])} ms) | {'yes' if speed > 1 else 'no'} |"
             )
     return lines
+
+
+def _one_run(data: dict[str, Any], *rows: dict[str, Any]) -> bool:
+    """Whether ``rows`` were measured in one run (rows from before run ids count as one run when the
+    file holds a single run)."""
+    ids = {row["extra_info"].get("run") for row in rows}
+    if None in ids:
+        return ids == {None} and len(data.get("vppo_runs") or [None]) <= 1
+    return len(ids) == 1
+
+
+DIFFERENT_RUNS = "measured in different runs: re-run this group"
 
 
 def targets_cpu(data: dict[str, Any]) -> list[str]:
@@ -206,10 +225,13 @@ def targets_cpu(data: dict[str, Any]) -> list[str]:
             lines.append(f"| auto ≥ {want:g}× naive, 2048 × 151 936 {dname} | not measured | – |")
             continue
         speed = n["stats"]["min"] / b["stats"]["min"]
-        lines.append(
-            f"| auto (= {auto}) ≥ {want:g}× naive, 2048 × 151 936 {dname} | {speed:.1f}× "
-            f"({_ms(n['stats']['min'])} → {_ms(b['stats']['min'])} ms) | {'yes' if speed >= want else 'no'} |"
-        )
+        if _one_run(data, n, b):
+            lines.append(
+                f"| auto (= {auto}) ≥ {want:g}× naive, 2048 × 151 936 {dname} | {speed:.1f}× "
+                f"({_ms(n['stats']['min'])} → {_ms(b['stats']['min'])} ms) | {'yes' if speed >= want else 'no'} |"
+            )
+        else:
+            lines.append(f"| auto (= {auto}) ≥ {want:g}× naive, 2048 × 151 936 {dname} | {DIFFERENT_RUNS} | – |")
         frac = b["extra_info"]["peak_extra_frac"]
         met = "–" if frac is None else "yes" if frac < 0.01 else "no"
         lines.append(
@@ -234,7 +256,7 @@ def targets(data: dict[str, Any], device: str) -> list[str]:
             continue
         same = [c for c in data["benchmarks"] if c["group"] == b["group"]]
         mm = next((c for c in same if c["extra_info"]["provider"] == "matmul"), None)
-        ratio = b["stats"]["min"] / mm["stats"]["min"] if mm else None
+        ratio = b["stats"]["min"] / mm["stats"]["min"] if mm and _one_run(data, b, mm) else None
         frac = e["peak_extra_frac"]
         met = "–" if frac is None else "yes" if frac <= 0.125 else "no"
         lines.append(
@@ -244,6 +266,10 @@ def targets(data: dict[str, Any], device: str) -> list[str]:
             lines.append(
                 f"| logit-free time ≤ 1.3× the two matmuls, {e['tokens']} tokens {e['dtype']} | {ratio:.2f}× | "
                 f"{'yes' if ratio <= 1.3 else 'no'} |"
+            )
+        elif mm is not None:
+            lines.append(
+                f"| logit-free time ≤ 1.3× the two matmuls, {e['tokens']} tokens {e['dtype']} | {DIFFERENT_RUNS} | – |"
             )
     return lines
 
@@ -318,9 +344,7 @@ def main() -> None:
     parser.add_argument("--tokens", help="comma-separated token counts (default 512,2048,8192)")
     parser.add_argument("--hidden-tokens", help="token counts of the logit-free benchmark")
     parser.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md")
-    parser.add_argument(
-        "--resume", action="store_true", help="keep the device's earlier rows; run only the benchmarks not in them"
-    )
+    parser.add_argument("--resume", action="store_true", help="keep earlier rows; re-run the groups with a row missing")
     parser.add_argument(
         "--budget", type=float, metavar="SECONDS", help="start no benchmark after this many seconds (then --resume)"
     )

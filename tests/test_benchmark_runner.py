@@ -103,3 +103,20 @@ def test_render_lists_every_run(runner):
     assert text.startswith("2 runs,") and "Run 1:" in text and "Run 2:" in text
     assert "**1.5 GB/s**" in text and "**2.5 GB/s**" in text
     assert "| triton | 500.0 | 550.0 | 4.00 |" in text
+
+
+def test_ratio_targets_are_judged_only_within_one_run(runner):
+    # a resumed run added rows to another run's: the ratio of two runs' times (possibly of two
+    # machines) was reported as a met target
+    same = results([row("naive", 2.0, run="A"), row("cpu", 0.1, run="A")])
+    mixed = results([row("naive", 2.0, run="A"), row("cpu", 0.1, run="B")])
+    mixed["vppo_runs"] = [{"run": "A"}, {"run": "B"}]
+    for r in same["benchmarks"] + mixed["benchmarks"]:
+        r["extra_info"]["auto"] = "cpu"
+    assert any("20.0×" in line and "| yes |" in line for line in runner.targets_cpu(same))
+    lines = runner.targets_cpu(mixed)
+    assert any("different runs" in line for line in lines) and not any("20.0×" in line for line in lines)
+    legacy = results([row("naive", 2.0), row("cpu", 0.1)])  # rows from before run ids, one run in the file
+    for r in legacy["benchmarks"]:
+        r["extra_info"]["auto"] = "cpu"
+    assert any("20.0×" in line for line in runner.targets_cpu(legacy))
