@@ -58,6 +58,9 @@ def compute(mask, scores, values, groups, adv, dep, sim, *, group=None, micro_ba
         "cgpo_batch": Fm.cgpo_rollout(adv, dep, scores, mask, mask_scope="batch", process_group=group).advantages,
         "cgpo_micro": Fm.cgpo_rollout(adv, dep, scores, mask, micro_batch_ids=micro_batch_ids, process_group=group)[0],
         "vgpo": Fm.vgpo_rollout(adv, sim, mask, groups, process_group=group).advantages,
+        # a prompt's responses on both ranks (rank 0 holds one of group 2's five): one group
+        "grpo": V.grpo_advantages((values > 0.5).float(), groups.clamp_max(2), process_group=group),
+        "dr_grpo": V.grpo_advantages(values, groups.clamp_max(2), scale="none", process_group=group),
     }
 
 

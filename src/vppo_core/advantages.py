@@ -33,6 +33,7 @@ def grpo_advantages(
     *,
     eps: float = 1e-6,
     scale: Literal["std", "none"] = "std",
+    process_group: ProcessGroupLike = None,
 ) -> Float[Tensor, " batch"]:
     r"""Group-relative outcome advantage of GRPO (or Dr.GRPO with ``scale="none"``).
 
@@ -54,6 +55,10 @@ def grpo_advantages(
     on an accelerator that check would need a host sync, so it is skipped and the group's advantage
     is NaN with ``scale="std"`` (0/0) and 0 with ``scale="none"``.
 
+    With ``process_group``, every rank's rewards and ids are gathered (one small collective; the
+    shard sizes are read on the host), so that a prompt whose responses sit on several ranks is
+    one group; each rank gets its own rows. Without it, keep each group on one rank.
+
     Shapes:
         - ``rewards``, ``group_ids``: ``[batch]``
         - returns: ``[batch]``
@@ -63,12 +68,15 @@ def grpo_advantages(
         group_ids: Any integers; responses with equal ids form a group (need not be contiguous).
         eps: Added to the standard deviation.
         scale: ``"std"`` (GRPO) or ``"none"`` (Dr.GRPO).
+        process_group: Groups over the ranks of this process group (``"world"``: the default group;
+            group ids must be globally consistent); ``None``: this process's batch only.
 
     Returns:
         Advantages, float32 (float64 for float64 rewards).
 
     Raises:
-        ValueError: On a group of one member (CPU inputs) or ``eps < 0``.
+        ValueError: On a group of one member (CPU inputs; over the global batch with
+            ``process_group``), ``eps < 0``, or ``process_group`` without ``torch.distributed``.
         TypeError: On an unknown ``scale``, or a shape or dtype that does not match the annotation
             (jaxtyping).
 
@@ -83,6 +91,11 @@ def grpo_advantages(
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     check_same_device(rewards=rewards, group_ids=group_ids)
     r = rewards.to(result_dtype(rewards))
+    group = resolve_group(process_group)
+    if group is not None:  # the global batch; this rank's rows of its advantages
+        everything, offset = all_gather_rows(r, group)
+        ids, _ = all_gather_rows(group_ids.long(), group)
+        return grpo_advantages(everything, ids, eps=eps, scale=scale)[offset : offset + r.shape[0]]
     n = r.shape[0]
     seg = dense_ids(group_ids)
     count = segment_sum(torch.ones_like(r), seg)
