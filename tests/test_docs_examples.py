@@ -27,6 +27,7 @@ import runpy
 import sys
 import textwrap
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,15 @@ def python_blocks(page: str) -> list[str]:
     return [textwrap.dedent(m["body"]) for m in fences]
 
 
-def run_blocks(page: str, namespace: dict[str, Any]) -> dict[str, Any]:
+Hook = Callable[[dict[str, Any]], None]
+
+
+def run_blocks(page: str, namespace: dict[str, Any], after: dict[int, Hook] | None = None) -> dict[str, Any]:
+    """Run the page's blocks in order in ``namespace``; ``after[i](namespace)`` once block ``i`` has run."""
     for i, block in enumerate(python_blocks(page), 1):
         exec(compile(block, f"{page} (python block {i})", "exec"), namespace)
+        if after and i in after:
+            after[i](namespace)
     return namespace
 
 
@@ -207,15 +214,10 @@ def _family_checks(ns: dict[str, Any], full: dict[str, Any], rows: slice) -> Non
     assert torch.isfinite(g).all() and (g[~mask] == 0).all() and (g[mask] != 0).any()
 
 
-def _record_block_3(page: str, ns: dict[str, Any]) -> None:
-    """Run usage.md's blocks, keeping what block 3 produced before block 4 rebinds ``adv``."""
-    blocks = python_blocks(page)
-    ns["batch_lp"] = ns["lp"].detach().clone()
-    for i, block in enumerate(blocks, 1):
-        exec(compile(block, f"{page} (python block {i})", "exec"), ns)
-        if i == 3:
-            ns["adv_after_block_3"], ns["grad_after_block_3"] = ns["adv"], ns["lp"].grad.clone()
-            ns["lp"].grad = None
+def _record_block_3(ns: dict[str, Any]) -> None:
+    """Keep what usage.md's block 3 produced, before block 4 rebinds ``adv``."""
+    ns["adv_after_block_3"], ns["grad_after_block_3"] = ns["adv"], ns["lp"].grad.clone()
+    ns["lp"].grad = None
 
 
 def _world_worker(rank: int, world: int, init_file: str, page: str) -> None:
@@ -223,7 +225,8 @@ def _world_worker(rank: int, world: int, init_file: str, page: str) -> None:
         full, rows = toy_batch(), rank_rows(rank)
         ns = loop_names(shard(full, rows))
         if page == "docs/usage.md":
-            _record_block_3(page, ns)
+            ns["batch_lp"] = ns["lp"].detach().clone()
+            run_blocks(page, ns, after={3: _record_block_3})
             _usage_checks(ns, full, rows)
         else:
             _family_names(ns)

@@ -206,8 +206,7 @@ def soft_or(
     for x, w in zip(signals, weights):
         x = x.to(dtype) if keep is None else torch.where(keep, x.to(dtype), 0.0)  # padding never read
         survival = survival * torch.pow(1.0 - x, w)
-    out = 1.0 - survival
-    return out if keep is None else torch.where(keep, out, 0.0)
+    return 1.0 - survival  # exactly 0 at padding, where every signal was set to 0
 
 
 @typechecked

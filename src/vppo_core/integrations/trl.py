@@ -66,6 +66,7 @@ and constructing `VPPOTrainer` raises ``ImportError``.
 """
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -309,10 +310,14 @@ class VPPOTrainer(GRPOTrainer):
                 "the default perturbation needs Qwen-style 'image_grid_thw' inputs; "
                 "pass VPPOTrainer(perturb=...) for this model's pixel_values layout"
             )
-        layout = self.__dict__.get("_vppo_pixel_layout")
-        if layout is None:  # read (and checked on an image) once
-            layout = self.__dict__["_vppo_pixel_layout"] = PixelLayout.from_processor(self.processing_class)
-        return blacken_patches_pixel_values(pixel_values, image_grid_thw, layout, generator=generator, p=0.5)
+        return blacken_patches_pixel_values(
+            pixel_values, image_grid_thw, self._pixel_layout, generator=generator, p=0.5
+        )
+
+    @functools.cached_property
+    def _pixel_layout(self) -> PixelLayout:
+        """The processor's layout, read (and checked on an image) once."""
+        return PixelLayout.from_processor(self.processing_class)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super()._generate_and_score_completions(inputs)

@@ -142,9 +142,9 @@ def _verify_layout(ip: Any, layout: PixelLayout) -> None:
     std = torch.tensor(layout.image_std, dtype=torch.float64).view(-1, 1, 1)
     back = (frames.double() * std + mean) / layout.rescale_factor  # grey levels
     fits = back.shape[1:] == (3, height, width)
-    error = (back - grey.permute(2, 0, 1).double()).abs().amax().item() if fits else None
-    if error is None or not error <= 1.5:
-        got = f"an image {error:.1f} grey levels off" if error is not None else f"frames of shape {tuple(back.shape)}"
+    off = (back - grey.permute(2, 0, 1).double()).abs().amax().item() if fits else None
+    if off is None or not off <= 1.5:
+        got = f"an image {off:.1f} grey levels off" if off is not None else f"frames of shape {tuple(back.shape)}"
         raise ValueError(
             f"processor's image processor {name} does not lay images out as a Qwen-VL processor does: "
             f"the layout read from it gives {got} from its pixel_values (expected [3, {height}, {width}] "

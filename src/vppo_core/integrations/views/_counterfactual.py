@@ -111,13 +111,12 @@ def _counterfactual_forward(
     # Masked scores are the dtype's lowest finite value, not -inf: a query that may attend to no key
     # (a left-padding position) would otherwise get a NaN softmax row, which the next layers spread
     # to every token of its sample. Such a row reads nothing (zero weights), as in torch's SDPA.
-    if attention_mask is not None and attention_mask.dim() == 2:
-        # a flash-attention model builds a [batch, keys] padding mask (1: a real token), no causal part
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
-        attention_mask = causal & attention_mask[:, None, None, :k_len].bool()
-    if attention_mask is None:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if attention_mask is None or attention_mask.dim() == 2:
+        # no mask, or a flash-attention model's [batch, keys] padding mask (1: a real token): causal part added
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :k_len].bool()
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask[..., :k_len], torch.finfo(scores.dtype).min)
     else:
